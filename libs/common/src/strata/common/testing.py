@@ -1,0 +1,172 @@
+"""A pytest plugin (loaded with ``-p strata.common.testing``): real parts for tests.
+
+- ``nats_server``: a real ``nats-server`` with JetStream on a free port (one per session; ``fresh_nats`` for one per test).
+- ``postgres_url``: a new database on the local PostgreSQL server, dropped afterwards. Skipped with a reason when no
+  server answers, but a failure under ``CI=true``. ``database_url`` runs a test on SQLite and on PostgreSQL.
+- ``s3_server``: a moto S3 server in its own process.
+- ``start_service``: a Strata service as a real uvicorn process.
+- :func:`app_client`: an ``httpx.AsyncClient`` on an app with its lifespan running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from .procs import NatsServer, ServiceProcess, free_port, http_status
+
+POSTGRES_ADMIN_URL = os.environ.get("STRATA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(store_dir=tmp_path_factory.mktemp("nats")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A NATS server of this test's own, which the test may stop and start again (same port, same store)."""
+    server = NatsServer(store_dir=tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+async def _pg_execute(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=3)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _run(coro: Any) -> Any:
+    """Run a coroutine from a sync fixture, whether or not an event loop is running in this thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+@pytest.fixture(scope="session")
+def postgres_available() -> bool:
+    try:
+        _run(_pg_execute("SELECT 1"))
+    except Exception as exc:  # any failure to reach the server means "absent"
+        reason = f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}: {type(exc).__name__}: {exc}"
+        if in_ci():
+            pytest.fail(f"{reason} (CI=true: PostgreSQL is required)", pytrace=False)
+        pytest.skip(reason)
+    return True
+
+
+@pytest.fixture
+def postgres_url(postgres_available: bool) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test (asyncpg URL), dropped afterwards."""
+    name = f"strata_test_{uuid.uuid4().hex[:12]}"
+    _run(_pg_execute(f'CREATE DATABASE "{name}"'))
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    yield f"{base}/{name}"
+    _run(_pg_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Runs the test once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server in its own process; yields its endpoint URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while http_status(url + "/moto-api/") is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start ``python -m strata.<service>`` processes; all are stopped at the end of the test."""
+    started: list[ServiceProcess] = []
+
+    def start(service: str, env: dict[str, str], *, port: int | None = None, wait: bool = True) -> ServiceProcess:
+        proc = ServiceProcess(
+            service=service, port=port or free_port(), env=env, log_file=tmp_path / "logs" / f"{service}.log"
+        ).start()
+        started.append(proc)
+        if wait:
+            proc.wait_healthy()
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        proc.stop()
+
+
+@asynccontextmanager
+async def app_client(app: FastAPI, **kwargs: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on ``app`` in process, with the app's lifespan (and so its runtime) running."""
+    from asgi_lifespan import LifespanManager
+
+    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", **kwargs) as client:
+            yield client
+
+
+async def eventually(check: Callable[[], Any], *, timeout_s: float = 10.0, interval_s: float = 0.05) -> Any:
+    """Await ``check()`` (sync or async) until it returns something truthy; fail with its last value."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s}s (last: {last!r})")

@@ -1,0 +1,1 @@
+"""Strata auth: Users, roles, OAuth2 password flow, rotating refresh tokens and the JWKS that signs them."""

@@ -1,0 +1,1 @@
+"""Strata gateway: the only public door. Proxies ``/api/v1/...`` to the services and reports their readiness."""

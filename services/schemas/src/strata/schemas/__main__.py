@@ -1,0 +1,9 @@
+"""``python -m strata.schemas``: serve the schemas service (host and port from ``STRATA_SCHEMAS_HOST/PORT``)."""
+
+from strata.common.serve import serve
+
+from .app import create_app
+from .config import Settings
+
+if __name__ == "__main__":
+    serve(create_app, Settings)

@@ -1,0 +1,6 @@
+"""Alembic environment of the schemas service (run by ``strata.common.db.migrate`` at start-up)."""
+
+from strata.common.db import run_alembic_env
+from strata.schemas.models import Base
+
+run_alembic_env(Base.metadata)
