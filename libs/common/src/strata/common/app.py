@@ -43,7 +43,9 @@ class RuntimeMetrics:
         self.events_published = Counter(
             "strata_events_published_total", "Events published from the outbox.", registry=r
         )
-        self.outbox_pending = Gauge("strata_outbox_pending", "Outbox events not yet acknowledged by JetStream.", registry=r)
+        self.outbox_pending = Gauge(
+            "strata_outbox_pending", "Outbox events not yet acknowledged by JetStream.", registry=r
+        )
         self.consumed = Counter(
             "strata_events_consumed_total",
             "Messages handled by consumers, by consumer and outcome (ack, retry, dead_letter).",
@@ -51,20 +53,30 @@ class RuntimeMetrics:
             registry=r,
         )
         self.handle_seconds = Histogram(
-            "strata_event_handle_duration_seconds", "Time to handle one message.", ["consumer"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "strata_event_handle_duration_seconds",
+            "Time to handle one message.",
+            ["consumer"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.consumer_pending = Gauge(
             "strata_consumer_pending_messages", "Messages waiting for a consumer (its lag).", ["consumer"], registry=r
         )
         self.consumer_ack_pending = Gauge(
-            "strata_consumer_ack_pending_messages", "Messages delivered but not yet acknowledged.", ["consumer"], registry=r
+            "strata_consumer_ack_pending_messages",
+            "Messages delivered but not yet acknowledged.",
+            ["consumer"],
+            registry=r,
         )
         self.rpc_requests = Counter(
             "strata_rpc_requests_total", "RPC requests answered, by verb and outcome.", ["verb", "outcome"], registry=r
         )
         self.rpc_seconds = Histogram(
-            "strata_rpc_duration_seconds", "Time to answer an RPC request.", ["verb"], buckets=LATENCY_BUCKETS, registry=r
+            "strata_rpc_duration_seconds",
+            "Time to answer an RPC request.",
+            ["verb"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.nats_connected = Gauge("strata_nats_connected", "1 while the NATS connection is up.", registry=r)
 
@@ -93,15 +105,21 @@ class Runtime:
         self.started_at: datetime = utcnow()
         self.source = source_of(self.service)
         self.db: Database | None = Database(settings.database_url, echo=settings.database_echo) if migrations else None
-        self.bus = Bus(settings.nats_url, name=f"strata-{self.service}-{settings.instance_id}",
-                       connect_timeout_s=settings.nats_connect_timeout_s)
+        self.bus = Bus(
+            settings.nats_url,
+            name=f"strata-{self.service}-{settings.instance_id}",
+            connect_timeout_s=settings.nats_connect_timeout_s,
+        )
         self.rpc = RpcServer(self.bus, service=self.service)
         self.rpc.on_request = self._on_rpc
         self.rpc_client = RpcClient(self.bus)
         self.relay: OutboxRelay | None = None
         if self.db is not None and outbox_model is not None:
             self.relay = OutboxRelay(
-                db=self.db, bus=self.bus, model=outbox_model, poll_interval_s=settings.outbox_poll_interval_s,
+                db=self.db,
+                bus=self.bus,
+                model=outbox_model,
+                poll_interval_s=settings.outbox_poll_interval_s,
                 on_published=self.runtime_metrics.events_published.inc,
             )
         self.consumers: list[EventConsumer] = []
@@ -110,8 +128,9 @@ class Runtime:
 
     # -- wiring -------------------------------------------------------------------------------------------------
     def consume(self, spec: ConsumerSpec, handler: Handler) -> EventConsumer:
-        consumer = EventConsumer(bus=self.bus, spec=spec, handler=handler, service=self.service,
-                                 on_outcome=self._on_outcome)
+        consumer = EventConsumer(
+            bus=self.bus, spec=spec, handler=handler, service=self.service, on_outcome=self._on_outcome
+        )
         self.consumers.append(consumer)
         return consumer
 
@@ -139,8 +158,13 @@ class Runtime:
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def instance_info(self, kind: type[InstanceInfo] = InstanceInfo, **extra: Any) -> InstanceInfo:
         return kind(
-            service=self.service, instance_id=self.settings.instance_id, version=__version__,
-            host=socket.gethostname(), pid=os.getpid(), started_at=self.started_at, **extra,
+            service=self.service,
+            instance_id=self.settings.instance_id,
+            version=__version__,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self.started_at,
+            **extra,
         )
 
     async def start(self) -> None:
@@ -150,10 +174,15 @@ class Runtime:
             self.bus.on_connect(self._on_bus_connect)
             await self.bus.start()
             if self.db is not None and self.outbox_model is not None:
+                started = CloudEvent.of(
+                    self.instance_info(InstanceStarted),
+                    source=self.source,
+                    subject=self.settings.instance_id,
+                    type=instance_subject(InstanceStarted, self.service),
+                )
                 async with self.db.session() as session:
-                    self.stage(session, CloudEvent.of(
-                        self.instance_info(InstanceStarted), source=self.source, subject=self.settings.instance_id,
-                        type=instance_subject(InstanceStarted, self.service)))
+                    self.stage(session, started)
+                log.info("staged %s event %s", started.type, started.id)
         if self.relay is not None:
             self.relay.start()
         for consumer in self.consumers:
@@ -178,9 +207,15 @@ class Runtime:
             await self.relay.stop()
             try:
                 async with self.db.session() as session:
-                    self.stage(session, CloudEvent.of(
-                        self.instance_info(InstanceStopped, stopped_at=utcnow()), source=self.source,
-                        subject=self.settings.instance_id, type=instance_subject(InstanceStopped, self.service)))
+                    self.stage(
+                        session,
+                        CloudEvent.of(
+                            self.instance_info(InstanceStopped, stopped_at=utcnow()),
+                            source=self.source,
+                            subject=self.settings.instance_id,
+                            type=instance_subject(InstanceStopped, self.service),
+                        ),
+                    )
                 if self.bus.is_connected:
                     await asyncio.wait_for(self.relay.publish_pending(), 3)
             except Exception:  # shutting down: what is not sent now is sent by the next start
@@ -195,8 +230,12 @@ class Runtime:
             self.runtime_metrics.nats_connected.set(1 if self.bus.is_connected else 0)
             if self.bus.is_connected:
                 try:
-                    event = CloudEvent.of(self.instance_info(InstanceHeartbeat), source=self.source,
-                                          subject=self.settings.instance_id, type=subject)
+                    event = CloudEvent.of(
+                        self.instance_info(InstanceHeartbeat),
+                        source=self.source,
+                        subject=self.settings.instance_id,
+                        type=subject,
+                    )
                     await self.bus.publish_event(event, timeout_s=2)
                     await self._refresh_gauges()
                 except Exception as exc:  # the bus is down or busy: the next beat will tell
@@ -209,15 +248,17 @@ class Runtime:
         for consumer in self.consumers:
             try:
                 info = await self.bus.js.consumer_info(consumer.spec.stream, consumer.spec.name)
-            except Exception:  # not declared yet
+            except Exception as exc:  # not declared yet, or the bus is busy: the next beat retries
+                log.debug("consumer_info %s: %s", consumer.spec.name, exc)
                 continue
             self.runtime_metrics.consumer_pending.labels(consumer.spec.name).set(info.num_pending or 0)
             self.runtime_metrics.consumer_ack_pending.labels(consumer.spec.name).set(info.num_ack_pending or 0)
 
     async def readiness(self) -> dict[str, Any]:
         """What ``/readyz`` reports: each dependency ``ok`` or the reason it is not."""
-        checks: dict[str, Any] = {"nats": "ok" if self.bus.is_connected else
-                                  f"not connected ({self.bus.state.last_error or 'connecting'})"}
+        checks: dict[str, Any] = {
+            "nats": "ok" if self.bus.is_connected else f"not connected ({self.bus.state.last_error or 'connecting'})"
+        }
         if self.db is not None:
             try:
                 await asyncio.wait_for(self.db.ping(), 2)
@@ -236,8 +277,14 @@ class Runtime:
             "nats": {"url": redact_url(self.settings.nats_url), "connected": self.bus.is_connected},
             "database": redact_url(self.settings.database_url) if self.db is not None else None,
             "consumers": [
-                {"name": c.spec.name, "stream": c.spec.stream, "subjects": list(c.spec.subjects),
-                 "handled": c.stats.handled, "retried": c.stats.retried, "dead_lettered": c.stats.dead_lettered}
+                {
+                    "name": c.spec.name,
+                    "stream": c.spec.stream,
+                    "subjects": list(c.spec.subjects),
+                    "handled": c.stats.handled,
+                    "retried": c.stats.retried,
+                    "dead_lettered": c.stats.dead_lettered,
+                }
                 for c in self.consumers
             ],
             "rpc_verbs": sorted(self.rpc._routes),
@@ -264,10 +311,18 @@ def create_service_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ServiceState]:
-        setup_logging(service=settings.service_name, instance=settings.instance_id,
-                      level=settings.log_level, fmt=settings.log_format)
-        tracing.setup_tracing(service_name=settings.service_name, mode=settings.tracing,
-                              otlp_endpoint=settings.otlp_endpoint, instance_id=settings.instance_id)
+        setup_logging(
+            service=settings.service_name,
+            instance=settings.instance_id,
+            level=settings.log_level,
+            fmt=settings.log_format,
+        )
+        tracing.setup_tracing(
+            service_name=settings.service_name,
+            mode=settings.tracing,
+            otlp_endpoint=settings.otlp_endpoint,
+            instance_id=settings.instance_id,
+        )
         await runtime.start()
         if on_started is not None:
             await on_started(runtime)
@@ -279,7 +334,15 @@ def create_service_app(
             await runtime.stop()
             log.info("%s stopped", settings.service_name)
 
-    app = FastAPI(title=title, description=description, version=__version__, lifespan=lifespan)
+    # FastAPI's native telemetry makes the HTTP server spans (traceparent in, route templates, mounts); our
+    # middleware keeps request ids, Prometheus metrics and logs, so FastAPI's own metrics and logs stay off.
+    app = FastAPI(
+        title=title,
+        description=description,
+        version=__version__,
+        lifespan=lifespan,
+        telemetry={"tracing": True, "metrics": False, "logs": False},
+    )
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware,
@@ -297,16 +360,20 @@ def create_service_app(
     async def readyz() -> JSONResponse:
         checks = await check()
         ready = all(_is_ok(v) for v in checks.values())
-        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
-                            status_code=200 if ready else 503)
+        return JSONResponse(
+            {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503
+        )
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint() -> Response:
         body, content_type = runtime.metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get(f"/api/v1/system/{settings.service_name}/info", tags=["system"],
-             summary=f"This {settings.service_name} instance: version, uptime, NATS, consumers")
+    @app.get(
+        f"/api/v1/system/{settings.service_name}/info",
+        tags=["system"],
+        summary=f"This {settings.service_name} instance: version, uptime, NATS, consumers",
+    )
     async def service_info() -> dict[str, Any]:
         return runtime.describe()
 
@@ -317,6 +384,5 @@ def create_service_app(
 
 def _is_ok(value: Any) -> bool:
     if isinstance(value, dict):
-        return value.get("status") in ("ok", "ready")
-    return value == "ok"
-
+        return bool(value.get("status") in ("ok", "ready"))
+    return bool(value == "ok")

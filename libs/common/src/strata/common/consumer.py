@@ -8,13 +8,15 @@ A handler gets the event and a :class:`Delivery`. What it does decides the messa
 - raises anything else: logged, nak with backoff; after ``max_deliver`` attempts, dead-letter and ``term``.
 
 While a handler runs, the message is kept alive with ``in_progress`` so a slow handler is not redelivered to another
-replica. Duplicates (a redelivery after a lost ack, an event published twice) are handled once: :func:`db_handler` records
-the event id in the service's ``processed_events`` table in the same transaction as the handler's changes.
+replica. Duplicates (a redelivery after a lost ack, an event published twice) are handled once:
+:func:`db_handler` records the event id in the service's ``processed_events`` table in the same transaction as the
+handler's changes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -25,6 +27,7 @@ from typing import Any
 
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError, NotFoundError
+from opentelemetry import trace
 from pydantic import ValidationError
 from sqlalchemy import String
 from sqlalchemy.exc import IntegrityError
@@ -119,9 +122,7 @@ class ProcessedEventMixin:
 DbHandler = Callable[[CloudEvent, Delivery, AsyncSession], Awaitable[None]]
 
 
-def db_handler(
-    *, db: Database, model: type[ProcessedEventMixin], consumer: str, handler: DbHandler
-) -> Handler:
+def db_handler(*, db: Database, model: type[ProcessedEventMixin], consumer: str, handler: DbHandler) -> Handler:
     """Wrap ``handler`` so it runs at most once per event id, in one transaction with the record that says so."""
 
     async def wrapped(event: CloudEvent, delivery: Delivery) -> None:
@@ -130,11 +131,18 @@ def db_handler(
                 if await session.get(model, (consumer, event.id)) is not None:
                     log.info("event %s already handled by %s; skipping", event.id, consumer)
                     return
-                session.add(model(consumer=consumer, event_id=event.id))
+                record = model()
+                record.consumer, record.event_id, record.processed_at = consumer, event.id, utcnow()
+                session.add(record)
                 await session.flush()
                 await handler(event, delivery, session)
         except IntegrityError:
-            # A concurrent delivery of the same event committed first.
+            # A concurrent delivery of the same event committed first, or the handler broke a constraint of its own:
+            # only the first is a duplicate to skip; the second must reach the consumer (retry, dead-letter).
+            async with db.session() as session:
+                handled = await session.get(model, (consumer, event.id)) is not None
+            if not handled:
+                raise
             log.info("event %s handled concurrently by %s; skipping", event.id, consumer)
 
     return wrapped
@@ -216,10 +224,8 @@ class EventConsumer:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         self._tasks.clear()
 
     async def _loop(self) -> None:
@@ -266,13 +272,13 @@ class EventConsumer:
         start = time.perf_counter()
         outcome = "ack"
         with self._tracer.start_as_current_span(
-            f"consume {msg.subject}", context=tracing.extract(headers), kind=tracing.trace.SpanKind.CONSUMER
+            f"consume {msg.subject}", context=tracing.extract(headers), kind=trace.SpanKind.CONSUMER
         ) as span:
             try:
                 event = CloudEvent.model_validate_json(msg.data)
             except ValidationError as exc:
-                outcome = "dead_letter"
                 await self._dead_letter(msg, delivery, f"not a valid event: {exc.error_count()} errors")
+                self._record("dead_letter", start)
                 return
             span.set_attribute("messaging.message.id", event.id)
             keepalive = asyncio.create_task(self._keepalive(msg))
@@ -284,7 +290,9 @@ class EventConsumer:
             except Retry as exc:
                 outcome = await self._retry(msg, delivery, str(exc), exc.delay_s)
             except Exception as exc:
-                log.exception("consumer %s failed on event %s (attempt %d)", self.spec.name, event.id, delivery.num_delivered)
+                log.exception(
+                    "consumer %s failed on event %s (attempt %d)", self.spec.name, event.id, delivery.num_delivered
+                )
                 outcome = await self._retry(msg, delivery, f"{type(exc).__name__}: {exc}", None)
             else:
                 await msg.ack()
@@ -292,9 +300,12 @@ class EventConsumer:
                 log.debug("consumer %s handled %s %s", self.spec.name, event.type, event.id)
             finally:
                 keepalive.cancel()
-                self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
-                if self.on_outcome is not None:
-                    self.on_outcome(self.spec.name, outcome, time.perf_counter() - start)
+                self._record(outcome, start)
+
+    def _record(self, outcome: str, start: float) -> None:
+        self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+        if self.on_outcome is not None:
+            self.on_outcome(self.spec.name, outcome, time.perf_counter() - start)
 
     async def _keepalive(self, msg: Any) -> None:
         interval = max(self.spec.ack_wait_s / 3, 0.5)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -80,7 +81,7 @@ class CloudEvent(BaseModel):
             data=payload.model_dump(mode="json"),
         )
 
-    def payload(self, model: type[P]) -> P:
+    def payload(self, model: builtins.type[P]) -> P:
         """The data as ``model`` (unknown fields ignored)."""
         return model.model_validate(self.data)
 
@@ -334,4 +335,3 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
         await js.update_stream(config)
     except BadRequestError as exc:  # e.g. retention cannot change on a live stream: keep it, say so
         log.warning("stream %s kept as it is: %s", spec.name, exc.description)
-

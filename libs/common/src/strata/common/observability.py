@@ -3,8 +3,10 @@
 - JSON logs (or readable text for ``make run``) that carry ``service``, ``request_id`` and ``trace_id``.
 - Prometheus metrics per app (its own registry, so several apps can live in one test process), labelled by the route
   template, never the raw path; health and metrics paths are left out.
-- :class:`RequestContextMiddleware`, a pure ASGI middleware (no ``BaseHTTPMiddleware``: it would buffer streams) that sets
-  the request id, opens the server span, measures the request and turns an unexpected exception into one logged 500.
+- :class:`RequestContextMiddleware`, a pure ASGI middleware (no ``BaseHTTPMiddleware``: it would buffer streams)
+  that sets
+  the request id, measures the request and turns an unexpected exception into one logged 500. The HTTP server span
+  (with ``traceparent`` extracted) is FastAPI's own native telemetry, which runs outside this middleware.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import re
 import sys
 import time
 import uuid
-from opentelemetry import context as otel_context
-from opentelemetry import trace
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
+    gc_collector,
     generate_latest,
+    platform_collector,
+    process_collector,
 )
-from prometheus_client import disable_created_metrics, gc_collector, platform_collector, process_collector
 from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,7 +40,7 @@ log = logging.getLogger("strata.http")
 
 UNTRACKED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-disable_created_metrics()  # the *_created series double every counter's cardinality for nothing we use
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series double every counter's cardinality for nothing we use
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -61,11 +65,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: {record.getMessage()}"
-        extras = [
-            f"{key}={value}"
-            for key in ("request_id", "trace_id")
-            if (value := getattr(record, key, None))
-        ]
+        extras = [f"{key}={value}" for key in ("request_id", "trace_id") if (value := getattr(record, key, None))]
         if extras:
             line += "  " + " ".join(extras)
         if record.exc_info:
@@ -102,6 +102,7 @@ def setup_logging(*, service: str, instance: str, level: str = "INFO", fmt: str 
     logging.getLogger("uvicorn.access").disabled = True
     # httpx logs every request at INFO: the gateway's proxied requests are already in our access log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 class Metrics:
@@ -137,12 +138,18 @@ class Metrics:
 
 
 def route_template(scope: Scope) -> str:
-    """The template of the route that answered (``/api/v1/datasets/{id}``), or ``unmatched``: never the raw path."""
+    """The template of the route that answered (``/api/v1/datasets/{id}``), or ``unmatched``: never the raw path.
+
+    A mounted app (the gateway's proxy) is labelled by its mount point (``/api/v1/{path}``): FastAPI's router does not
+    put a mount in ``scope["route"]``, but it does move the mount's prefix into ``root_path``.
+    """
     route = scope.get("route")
     path = getattr(route, "path", None)
     if isinstance(path, str):
-        root = scope.get("app_root_path", "") or ""
-        return path if not root else root + path
+        return path
+    root = scope.get("root_path") or ""
+    if root:
+        return root + "/{path}"
     return "unmatched"
 
 
@@ -163,13 +170,14 @@ def clean_request_id(value: str | None) -> str:
 class RequestContextMiddleware:
     """Request id, server span, RED metrics, access log and the last-resort 500, in one pass."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, request_id_header: str = "X-Request-ID", access_log: bool = True) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, request_id_header: str = "X-Request-ID", access_log: bool = True
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.header = request_id_header
         self.header_bytes = request_id_header.lower().encode("latin-1")
         self.access_log = access_log
-        self.tracer = tracing.tracer("strata.http")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -178,8 +186,6 @@ class RequestContextMiddleware:
         request_id = clean_request_id(_header(scope, self.header_bytes))
         scope.setdefault("state", {})["request_id"] = request_id
         rid_token = request_id_var.set(request_id)
-        parent = tracing.extract({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in (b"traceparent", b"tracestate")})
-        ctx_token = otel_context.attach(parent)
         path: str = scope["path"]
         tracked = path not in UNTRACKED_PATHS
         method: str = scope["method"]
@@ -193,32 +199,24 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
-                headers = list(message.get("headers", ()))
+                # Set, not append: a proxied response already carries the upstream's copy of the same id.
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != self.header_bytes]
                 headers.append((self.header_bytes, header_value))
                 message["headers"] = headers
             await send(message)
 
         if tracked:
             self.metrics.in_flight.inc()
-        span = self.tracer.start_span(f"{method} {path}", kind=trace.SpanKind.SERVER)
-        span_token = otel_context.attach(trace.set_span_in_context(span))
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception:
             log.exception("unhandled error in %s %s", method, path)
-            span.set_status(trace.Status(trace.StatusCode.ERROR))
             if not started:
                 await _send_500(send, self.header_bytes, header_value)
             status = 500
         finally:
             route = route_template(scope)
             elapsed = time.perf_counter() - start
-            span.update_name(f"{method} {route}")
-            span.set_attribute("http.request.method", method)
-            span.set_attribute("http.route", route)
-            span.set_attribute("http.response.status_code", status)
-            span.end()
-            otel_context.detach(span_token)
             if tracked:
                 self.metrics.in_flight.dec()
                 self.metrics.requests.labels(method, route, str(status)).inc()
@@ -230,18 +228,20 @@ class RequestContextMiddleware:
                         path,
                         status,
                         elapsed * 1000,
-                        extra={"http_method": method, "http_route": route, "http_status": status, "duration_ms": round(elapsed * 1000, 2)},
+                        extra={
+                            "http_method": method,
+                            "http_route": route,
+                            "http_status": status,
+                            "duration_ms": round(elapsed * 1000, 2),
+                        },
                     )
-            otel_context.detach(ctx_token)
             request_id_var.reset(rid_token)
 
 
 async def _send_500(send: Send, header: bytes, request_id: bytes) -> None:
     import json
 
-    body = json.dumps(
-        envelope("INTERNAL_ERROR", "Internal error. Quote the request id when reporting it.")
-    ).encode()
+    body = json.dumps(envelope("INTERNAL_ERROR", "Internal error. Quote the request id when reporting it.")).encode()
     await send(
         {
             "type": "http.response.start",

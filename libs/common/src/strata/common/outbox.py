@@ -10,13 +10,14 @@ also polls (events committed by another replica or before a crash).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import JSON, Index, Integer, String, Text, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, declared_attr, mapped_column
 
 from . import tracing
 from .context import request_id_var
@@ -31,7 +32,11 @@ class OutboxMixin:
     """Columns of the outbox table. Mix into the service's declarative base: ``class Outbox(OutboxMixin, Base)``."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_pending", "published_at", "created_at"),)
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple[Any, ...]:
+        # A new Index per class: an Index object can belong to one table only (each service has its own).
+        return (Index("ix_outbox_pending", "published_at", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     subject: Mapped[str] = mapped_column(String(255))
@@ -49,7 +54,10 @@ def stage_event(session: AsyncSession, model: type[OutboxMixin], event: CloudEve
     tracing.inject(headers)
     if rid := request_id_var.get():
         headers["X-Request-ID"] = rid
-    session.add(model(id=event.id, subject=event.nats_subject, payload=event.model_dump_json(), headers=headers))
+    row = model()
+    row.id, row.subject, row.payload, row.headers = event.id, event.nats_subject, event.model_dump_json(), headers
+    row.created_at, row.attempts = utcnow(), 0
+    session.add(row)
     session.info[_DIRTY] = True
 
 
@@ -90,17 +98,13 @@ class OutboxRelay:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def _run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
-            except TimeoutError:
-                pass
             self._wake.clear()
             if not self.bus.is_connected:
                 continue
@@ -119,12 +123,7 @@ class OutboxRelay:
         """Publish one batch of unsent events; returns how many were taken."""
         m = self.model
         async with self.db.session() as session:
-            query = (
-                select(m)
-                .where(m.published_at.is_(None))
-                .order_by(m.created_at, m.id)
-                .limit(self.batch_size)
-            )
+            query = select(m).where(m.published_at.is_(None)).order_by(m.created_at, m.id).limit(self.batch_size)
             if not self.db.is_sqlite:
                 query = query.with_for_update(skip_locked=True)
             rows = list((await session.scalars(query)).all())
@@ -135,9 +134,7 @@ class OutboxRelay:
                 await js.publish_async(row.subject, row.payload.encode(), headers=dict(row.headers or {}))
                 for row in rows
             ]
-            results = await asyncio.gather(
-                *(asyncio.wait_for(f, 10) for f in futures), return_exceptions=True
-            )
+            results = await asyncio.gather(*(asyncio.wait_for(f, 10) for f in futures), return_exceptions=True)
             now = utcnow()
             sent: list[str] = []
             for row, result in zip(rows, results, strict=True):
@@ -169,4 +166,3 @@ class OutboxRelay:
             )
         self._last_purge = utcnow()
         return int(getattr(result, "rowcount", 0) or 0)
-

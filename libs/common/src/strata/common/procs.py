@@ -111,9 +111,13 @@ class ServiceProcess:
             stdout = self.log_file.open("ab")
         else:
             stdout = subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", f"strata.{self.service}"], env=env, stdout=stdout, stderr=subprocess.STDOUT
-        )
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", f"strata.{self.service}"], env=env, stdout=stdout, stderr=subprocess.STDOUT
+            )
+        finally:
+            if not isinstance(stdout, int):
+                stdout.close()  # the child has its own copy of the descriptor
         return self
 
     def wait_healthy(self, timeout_s: float = 30.0, path: str = "/healthz") -> None:
@@ -164,7 +168,9 @@ def http_json(url: str, timeout_s: float = 2.0) -> tuple[int, object]:
         return int(exc.code), json.loads(exc.read() or b"null")
 
 
-def suite_env(*, data_dir: Path, nats_url: str, ports: Mapping[str, int], extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def suite_env(
+    *, data_dir: Path, nats_url: str, ports: Mapping[str, int], extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment that wires the five services together on one machine."""
     env = {
         "STRATA_DATA_DIR": str(data_dir),

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 
 from . import tracing
@@ -57,7 +58,7 @@ class RpcServer:
         self.on_request: Callable[[str, str, float], None] | None = None
 
     def register(self, verb: str, request_model: type[Req], handler: Callable[[Req], Awaitable[BaseModel]]) -> None:
-        self._routes[verb] = _Route(verb, request_model, handler)  # type: ignore[arg-type]
+        self._routes[verb] = _Route(verb, request_model, handler)
 
     async def start(self) -> None:
         """Subscribe every registered verb. Core subscriptions survive reconnects on their own."""
@@ -90,7 +91,7 @@ class RpcServer:
         try:
             async with self._sem:
                 with self._tracer.start_as_current_span(
-                    f"rpc {msg.subject}", context=tracing.extract(headers), kind=tracing.trace.SpanKind.SERVER
+                    f"rpc {msg.subject}", context=tracing.extract(headers), kind=trace.SpanKind.SERVER
                 ):
                     if route is None:
                         raise StrataError(f"unknown verb {verb}")
@@ -110,7 +111,10 @@ class RpcServer:
             outcome = "INTERNAL_ERROR"
             log.exception("rpc %s failed", msg.subject)
             body = json.dumps(
-                {"ok": False, "error": {"status": 500, "code": "INTERNAL_ERROR", "message": "Internal error.", "details": []}}
+                {
+                    "ok": False,
+                    "error": {"status": 500, "code": "INTERNAL_ERROR", "message": "Internal error.", "details": []},
+                }
             ).encode()
         finally:
             request_id_var.reset(token)

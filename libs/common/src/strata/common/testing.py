@@ -1,6 +1,7 @@
 """A pytest plugin (loaded with ``-p strata.common.testing``): real parts for tests.
 
-- ``nats_server``: a real ``nats-server`` with JetStream on a free port (one per session; ``fresh_nats`` for one per test).
+- ``nats_server``: a real ``nats-server`` with JetStream on a free port (one per session;
+  ``fresh_nats`` for one per test).
 - ``postgres_url``: a new database on the local PostgreSQL server, dropped afterwards. Skipped with a reason when no
   server answers, but a failure under ``CI=true``. ``database_url`` runs a test on SQLite and on PostgreSQL.
 - ``s3_server``: a moto S3 server in its own process.
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -170,3 +171,29 @@ async def eventually(check: Callable[[], Any], *, timeout_s: float = 10.0, inter
             return last
         await asyncio.sleep(interval_s)
     raise AssertionError(f"condition not met within {timeout_s}s (last: {last!r})")
+
+
+@asynccontextmanager
+async def serve_app(app: Any, *, lifespan: Literal["auto", "on", "off"] = "on") -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port inside this event loop; yields its base URL.
+
+    Use it where the in-process transport would hide the behaviour under test: httpx's ``ASGITransport`` buffers
+    whole responses, so streaming can only be seen over a real socket.
+    """
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan=lifespan, access_log=False)
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("uvicorn stopped before it started")
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -1,6 +1,7 @@
 """OpenTelemetry set-up and W3C trace-context propagation over HTTP and NATS headers.
 
-Modes (``STRATA_TRACING``): ``off`` (no SDK; incoming trace context still propagates), ``local`` (the SDK makes trace and
+Modes (``STRATA_TRACING``): ``off`` (no SDK; incoming trace context still propagates), ``local`` (the SDK makes
+trace and
 span ids, so logs and events correlate, but nothing is exported), ``console`` and ``otlp`` (exported).
 nats-py has no instrumentation of its own, so :func:`inject` and :func:`extract` carry ``traceparent`` by hand.
 """

@@ -25,7 +25,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     upstreams = settings.upstream_urls()
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(settings.upstream_timeout_s, connect=settings.connect_timeout_s),
-        limits=httpx.Limits(max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections),
+        limits=httpx.Limits(
+            max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections
+        ),
         follow_redirects=False,
         trust_env=False,
     )

@@ -47,11 +47,13 @@ class InstanceRegistry:
             return
         known = key in self._instances
         record = self._instances.setdefault(key, {"first_seen": event.time})
+        if verb == "started":
+            log.info("instance %s of %s started (event %s)", info.instance_id, info.service, event.id)
+        elif not known:
+            log.info("instance %s of %s is alive (event %s)", info.instance_id, info.service, event.id)
         if event.time < record.get("last_seen", event.time):
             return  # an older event replayed after a newer one
         record.update(info.model_dump(mode="json"), last_seen=event.time)
-        if not known:
-            log.info("instance %s of %s is up (event %s)", info.instance_id, info.service, event.id)
 
     def list(self, now: datetime | None = None) -> list[dict[str, Any]]:
         now = now or utcnow()

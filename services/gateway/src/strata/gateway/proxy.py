@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 
 import httpx
 from starlette.types import Receive, Scope, Send
@@ -87,13 +88,15 @@ class Proxy:
             return
         method: str = scope["method"]
         headers = self._forward_headers(scope)
-        has_body = method not in BODYLESS or any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+        has_body = method not in BODYLESS or any(
+            k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"]
+        )
         url = self.upstreams[service] + path
         query = scope.get("query_string", b"")
         if query:
             url += "?" + query.decode("latin-1")
 
-        async def body() -> object:
+        async def body() -> AsyncIterator[bytes]:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
@@ -134,8 +137,11 @@ class Proxy:
         rid = request_id_var.get()
         if rid:
             headers.append((b"x-request-id", rid.encode("latin-1")))
-        for key, value in tracing.inject({}).items():
-            headers.append((key.encode("latin-1"), value.encode("latin-1")))
+        trace_headers = tracing.inject({})
+        if trace_headers:
+            headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in trace_headers.items())
+        else:  # tracing is off here: pass the caller's trace context through untouched
+            headers.extend((k, v) for k, v in scope["headers"] if k in (b"traceparent", b"tracestate"))
         client = scope.get("client")
         if client:
             headers.append((b"x-forwarded-for", str(client[0]).encode("latin-1")))

@@ -26,7 +26,7 @@ class InstanceStarted(InstanceInfo):
 
 
 class InstanceHeartbeat(InstanceInfo):
-    """``strata.<service>.instance.heartbeat``: sent every few seconds while the instance lives (not through the outbox)."""
+    """``strata.<service>.instance.heartbeat``: sent every few seconds while the instance lives (no outbox)."""
 
     event_type: ClassVar[str] = "strata.{service}.instance.heartbeat"
     ready: bool = True

@@ -1,0 +1,141 @@
+"""The whole suite as real processes: nats-server and the five services, talking only through the gateway and NATS."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from strata.common.procs import SERVICES, NatsServer, ServiceProcess, free_port, suite_env
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Suite:
+    gateway: str
+    procs: dict[str, ServiceProcess]
+    logs: Path
+
+    def wait_for_records(self, service: str, predicate: Any, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Log records of ``service`` matching ``predicate``, waiting for them (logs are written after responses)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [r for r in self.log_records(service) if predicate(r)]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    def log_records(self, service: str) -> list[dict[str, Any]]:
+        records = []
+        for line in (self.logs / f"{service}.log").read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line some library printed raw
+        return records
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+    root = tmp_path_factory.mktemp("suite")
+    nats = NatsServer(store_dir=root / "nats").start()
+    ports = {name: free_port() for name in SERVICES}
+    env = suite_env(
+        data_dir=root / "data",
+        nats_url=nats.url,
+        ports=ports,
+        extra={"STRATA_LOG_FORMAT": "json", "STRATA_ENVIRONMENT": "test"},
+    )
+    procs = {
+        name: ServiceProcess(service=name, port=ports[name], env=env, log_file=root / "logs" / f"{name}.log").start()
+        for name in SERVICES
+    }
+    try:
+        gateway = procs["gateway"].url
+        deadline = time.monotonic() + 60
+        body: Any = None
+        while time.monotonic() < deadline:
+            for proc in procs.values():
+                assert proc.process is not None and proc.process.poll() is None, f"{proc.service} died"
+            try:
+                resp = httpx.get(gateway + "/readyz", timeout=2)
+                body = resp.json()
+                if resp.status_code == 200:
+                    break
+            except httpx.HTTPError as exc:
+                body = repr(exc)
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the suite was not ready within 60s: {body}")
+        yield Suite(gateway=gateway, procs=procs, logs=root / "logs")
+    finally:
+        for proc in reversed(list(procs.values())):
+            proc.stop()
+        nats.stop()
+
+
+def test_readyz_reports_every_service_and_nats(suite: Suite) -> None:
+    body = httpx.get(suite.gateway + "/readyz").json()
+    assert body["status"] == "ready"
+    assert body["checks"]["nats"] == "ok"
+    for name in ("auth", "datasets", "execution", "schemas"):
+        assert body["checks"][name]["status"] == "ok"
+        assert body["checks"][name]["checks"] == {"nats": "ok", "database": "ok"}
+
+
+def test_one_route_on_each_service_through_the_gateway(suite: Suite) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    for name in SERVICES:
+        resp = httpx.get(
+            f"{suite.gateway}/api/v1/system/{name}/info",
+            headers={"X-Request-ID": f"suite-{name}", "traceparent": traceparent},
+        )
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-request-id"] == f"suite-{name}"
+        info = resp.json()
+        assert info["service"] == name and info["nats"]["connected"] is True
+        if name != "gateway":
+            # The service's own access log has the request id and the caller's trace id: one trace across the hop.
+            lines = suite.wait_for_records(name, lambda r, n=name: r.get("request_id") == f"suite-{n}")
+            assert lines and all(r["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736" for r in lines), lines
+
+
+def test_an_event_crosses_services_with_its_trace(suite: Suite) -> None:
+    """datasets publishes instance.started through its outbox; the gateway consumes it, in the same trace."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        listed = httpx.get(suite.gateway + "/api/v1/system/instances").json()["data"]
+        if {r["service"] for r in listed} >= set(SERVICES):
+            break
+        time.sleep(0.2)
+    assert {r["service"] for r in listed} >= set(SERVICES), listed
+    assert all(r["status"] == "live" for r in listed)
+
+    staged = suite.wait_for_records(
+        "datasets", lambda r: r["message"].startswith("staged strata.datasets.instance.started")
+    )
+    assert staged, "datasets did not log the event it staged"
+    event_id = staged[-1]["message"].rsplit(" ", 1)[-1]
+    handled = suite.wait_for_records("gateway", lambda r: f"(event {event_id})" in r["message"])
+    assert handled, f"the gateway did not log event {event_id}"
+    assert staged[-1]["trace_id"] and handled[0]["trace_id"] == staged[-1]["trace_id"]
+
+
+def test_unknown_paths_and_errors_keep_the_envelope(suite: Suite) -> None:
+    resp = httpx.get(suite.gateway + "/api/v1/nowhere")
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "NOT_FOUND"
+    resp = httpx.get(suite.gateway + "/api/v1/system/datasets/nothing")
+    assert resp.status_code == 404 and resp.json()["error"]["request_id"] == resp.headers["x-request-id"]
+
+
+def test_metrics_on_every_service(suite: Suite) -> None:
+    for proc in suite.procs.values():
+        text = httpx.get(proc.url + "/metrics").text
+        assert "strata_http_requests_total" in text and "strata_nats_connected" in text
