@@ -33,6 +33,7 @@ class Supervisor:
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.nats: NatsServer | None = None
         self.stopping = False
+        self._stopped: asyncio.Task[None] | None = None
         self.width = max(len(s) for s in (*SERVICES, "nats"))
 
     def say(self, name: str, line: str, stream: IO[str] = sys.stdout) -> None:
@@ -129,9 +130,13 @@ class Supervisor:
             self.say("gateway", line)
 
     async def stop(self) -> None:
-        if self.stopping:
-            return
+        """Stop everything, once: every caller (the signal handler, the exit path) waits for the same stop."""
         self.stopping = True
+        if self._stopped is None:
+            self._stopped = asyncio.create_task(self._stop())
+        await asyncio.shield(self._stopped)
+
+    async def _stop(self) -> None:
         for name in reversed(START_ORDER):
             proc = self.procs.get(name)
             if proc is not None and proc.returncode is None:
@@ -163,15 +168,13 @@ async def amain(data_dir: Path, gateway_port: int, lock: IO[str]) -> int:
         return 2
     supervisor = Supervisor(data_dir, gateway_port)
     loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    assert main is not None
 
-    stop_tasks: list[asyncio.Future[None]] = []
+    stop_tasks: list[asyncio.Task[None]] = []
 
     def on_signal() -> None:
         if not supervisor.stopping:
             supervisor.say("gateway", "stopping...")
-            stop_tasks.append(asyncio.ensure_future(supervisor.stop()))
+            stop_tasks.append(asyncio.create_task(supervisor.stop()))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
