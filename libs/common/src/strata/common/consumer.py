@@ -16,7 +16,6 @@ handler's changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -196,6 +195,7 @@ class EventConsumer:
         self.on_outcome = on_outcome
         self.stats = ConsumerStats()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self._tracer = tracing.tracer("strata.consumer")
 
     @property
@@ -220,18 +220,22 @@ class EventConsumer:
         for i in range(self.spec.concurrency):
             self._tasks.append(asyncio.create_task(self._loop(), name=f"consumer-{self.spec.name}-{i}"))
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 3.0) -> None:
+        """Stop fetching. Bounded: nats-py's ``fetch`` can swallow a cancellation and wait out its own timeout, so
+        a loop that does not finish in ``timeout_s`` is left to end with the connection."""
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
+            if pending:
+                log.warning("consumer %s: %d fetch loops still ending; moving on", self.spec.name, len(pending))
         self._tasks.clear()
 
     async def _loop(self) -> None:
         sub = None
         generation = -1
-        while True:
+        while not self._stopping:
             try:
                 if not self.bus.is_connected:
                     await self.bus.wait_connected(1.0)
@@ -246,8 +250,14 @@ class EventConsumer:
                     msgs = await sub.fetch(self.spec.batch, timeout=2.0)
                 except TimeoutError:  # nothing there: fetch raises rather than returning []
                     continue
-                for msg in msgs:
-                    await self._handle(msg)
+                # Messages waiting their turn in the batch are ours too: keep them alive, or they are redelivered.
+                waiting = list(msgs)
+                keepalive = asyncio.create_task(self._keepalive(waiting))
+                try:
+                    while waiting:
+                        await self._handle(waiting.pop(0))
+                finally:
+                    keepalive.cancel()
             except asyncio.CancelledError:
                 if sub is not None:
                     await _quiet_unsubscribe(sub)
@@ -281,7 +291,7 @@ class EventConsumer:
                 self._record("dead_letter", start)
                 return
             span.set_attribute("messaging.message.id", event.id)
-            keepalive = asyncio.create_task(self._keepalive(msg))
+            keepalive = asyncio.create_task(self._keepalive([msg]))
             try:
                 await self.handler(event, delivery)
             except Reject as exc:
@@ -307,12 +317,13 @@ class EventConsumer:
         if self.on_outcome is not None:
             self.on_outcome(self.spec.name, outcome, time.perf_counter() - start)
 
-    async def _keepalive(self, msg: Any) -> None:
+    async def _keepalive(self, msgs: list[Any]) -> None:
         interval = max(self.spec.ack_wait_s / 3, 0.5)
         while True:
             await asyncio.sleep(interval)
             try:
-                await msg.in_progress()
+                for msg in list(msgs):
+                    await msg.in_progress()
             except Exception:  # the connection dropped; the redelivery will sort it out
                 return
 
