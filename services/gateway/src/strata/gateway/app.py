@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import FastAPI
 
 from strata.common.app import Runtime, create_service_app
@@ -14,7 +14,7 @@ from strata.common.observability import Metrics
 
 from .config import Settings
 from .instances import InstanceRegistry, consumer_spec
-from .proxy import Proxy
+from .proxy import Proxy, upstream_session
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -23,36 +23,50 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = InstanceRegistry(stale_after_s=settings.instance_stale_after_s)
     runtime.consume(consumer_spec(settings.instance_id), MemoryDedup(10_000).wrap(registry.handle))
     upstreams = settings.upstream_urls()
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.upstream_timeout_s, connect=settings.connect_timeout_s),
-        limits=httpx.Limits(
-            max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections
-        ),
-        follow_redirects=False,
-        trust_env=False,
-    )
+    proxy = Proxy(upstreams=upstreams, session=None)
+    # Made in the lifespan: an aiohttp session belongs to the event loop that creates it.
+    sessions: list[aiohttp.ClientSession] = []
+
+    def session() -> aiohttp.ClientSession:
+        if not sessions:
+            sessions.append(
+                upstream_session(
+                    connect_timeout_s=settings.connect_timeout_s,
+                    read_timeout_s=settings.upstream_timeout_s,
+                    max_connections=settings.max_connections,
+                )
+            )
+        return sessions[0]
 
     async def readiness() -> dict[str, Any]:
         """NATS and every upstream's own /readyz, asked at once."""
 
+        timeout = aiohttp.ClientTimeout(total=settings.readiness_timeout_s)
+
         async def upstream(name: str, url: str) -> dict[str, Any]:
             try:
-                resp = await client.get(url + "/readyz", timeout=settings.readiness_timeout_s)
-            except httpx.HTTPError as exc:
+                async with session().get(url + "/readyz", timeout=timeout) as resp:
+                    status = resp.status
+                    try:
+                        body = await resp.json(content_type=None)
+                    except ValueError:
+                        body = {}
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 return {"status": "unreachable", "error": type(exc).__name__}
-            try:
-                body = resp.json()
-            except ValueError:
-                body = {}
-            return {"status": "ok" if resp.status_code == 200 else "not_ready", "checks": body.get("checks", {})}
+            checks = body.get("checks", {}) if isinstance(body, dict) else {}
+            return {"status": "ok" if status == 200 else "not_ready", "checks": checks}
 
         results = await asyncio.gather(*(upstream(n, u) for n, u in upstreams.items()))
         checks: dict[str, Any] = {"nats": "ok" if runtime.bus.is_connected else "not connected"}
         checks.update(zip(upstreams, results, strict=True))
         return checks
 
+    async def on_started(_: Runtime) -> None:
+        proxy.session = session()
+
     async def on_stopping(_: Runtime) -> None:
-        await client.aclose()
+        if sessions:
+            await sessions.pop().close()
 
     app = create_service_app(
         settings,
@@ -60,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Strata API",
         description="The Strata API: datasets, queries, jobs, blocks, workflows and schemas, behind one gateway.",
         readiness=readiness,
+        on_started=on_started,
         on_stopping=on_stopping,
     )
 
@@ -68,5 +83,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         data = registry.list()
         return {"data": data, "meta": {"next_cursor": None, "limit": len(data)}}
 
-    app.mount("/api/v1", Proxy(upstreams=upstreams, client=client), name="proxy")
+    app.mount("/api/v1", proxy, name="proxy")
     return app

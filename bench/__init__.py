@@ -1,0 +1,45 @@
+"""Strata benchmarks: ``python -m bench [gateway|events]``. Not part of ``make test``; see bench/README.md.
+
+Each benchmark starts its own ``nats-server`` and services on free loopback ports in a temporary data folder, measures,
+prints a table with ratios against a baseline measured in the same run, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+# What every benchmarked process gets: JSON logs, and no access log line per request (it would dominate the cost).
+BENCH_ENV: dict[str, str] = {"STRATA_LOG_FORMAT": "json", "STRATA_ACCESS_LOG": "false"}
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """The ``p``-th percentile (0-100) of already sorted values, by linear interpolation; NaN when empty."""
+    if not sorted_values:
+        return math.nan
+    k = (len(sorted_values) - 1) * p / 100.0
+    lo = math.floor(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        parts = [row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))]
+        return "  ".join(parts).rstrip()
+
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def machine() -> str:
+    """One line about where the figures were taken."""
+    import platform
+
+    return f"{platform.node()} · {os.cpu_count()} CPUs · Python {platform.python_version()} · {platform.system()}"

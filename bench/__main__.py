@@ -1,0 +1,62 @@
+"""``python -m bench [gateway|events|all]``: run the benchmarks and print their tables (see bench/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import machine
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("which", nargs="?", default="all", choices=("all", "gateway", "events"))
+    parser.add_argument("--quick", action="store_true", help="short runs, to check that the benchmarks work")
+    parser.add_argument(
+        "--client",
+        default="auto",
+        choices=("auto", "wrk", "python"),
+        help="gateway load generator (auto: wrk when installed)",
+    )
+    parser.add_argument("--connections", type=int, default=32, help="gateway: concurrent connections")
+    parser.add_argument("--duration", type=float, default=10.0, help="gateway: seconds per round")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()}
+    print(f"Strata benchmarks · {results['date']} · {results['machine']}", flush=True)
+    if args.which in ("all", "gateway"):
+        from . import gateway_overhead
+
+        started = time.monotonic()
+        print("\n== gateway overhead ==", flush=True)
+        kwargs: dict[str, Any] = {"connections": args.connections, "duration_s": args.duration, "client": args.client}
+        if args.quick:
+            kwargs.update(duration_s=2.0, warmup_s=1.0, single_duration_s=1.0, rounds=1)
+        results["gateway"] = gateway_overhead.run(**kwargs)
+        print(f"(gateway benchmark took {time.monotonic() - started:.0f}s)", flush=True)
+    if args.which in ("all", "events"):
+        from . import event_bus
+
+        started = time.monotonic()
+        print("\n== event bus ==", flush=True)
+        kwargs = {}
+        if args.quick:
+            kwargs.update(messages=2000, latency_events=200, batch_events=2000)
+        results["events"] = event_bus.run(**kwargs)
+        print(f"(event bus benchmark took {time.monotonic() - started:.0f}s)", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"\nfigures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
