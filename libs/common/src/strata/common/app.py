@@ -22,9 +22,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter, Gauge, Histogram
 
 from . import __version__, tracing
+from .auth import TokenVerifier
 from .consumer import ConsumerSpec, EventConsumer, Handler, ProcessedEventMixin, db_handler
+from .contracts.auth import ApiKeyLookup, Identity, Jwks, JwksRequest
 from .contracts.system import InstanceHeartbeat, InstanceInfo, InstanceStarted, InstanceStopped, instance_subject
 from .db import Database, migrate_async, redact_url, utcnow
+from .deps import AdminUser
 from .errors import install_error_handlers
 from .events import Bus, CloudEvent, source_of
 from .observability import LATENCY_BUCKETS, Metrics, RequestContextMiddleware, setup_logging
@@ -113,6 +116,13 @@ class Runtime:
         self.rpc = RpcServer(self.bus, service=self.service)
         self.rpc.on_request = self._on_rpc
         self.rpc_client = RpcClient(self.bus)
+        self.verifier = TokenVerifier(
+            jwks_source=self._jwks_from_auth,
+            api_key_source=self._api_key_from_auth,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            api_key_cache_ttl_s=settings.api_key_cache_ttl_s,
+        )
         self.relay: OutboxRelay | None = None
         if self.db is not None and outbox_model is not None:
             self.relay = OutboxRelay(
@@ -125,6 +135,13 @@ class Runtime:
         self.consumers: list[EventConsumer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._rpc_started = False
+
+    async def _jwks_from_auth(self) -> dict[str, Any]:
+        jwks = await self.rpc_client.call("auth", "jwks", JwksRequest(), Jwks)
+        return jwks.model_dump()
+
+    async def _api_key_from_auth(self, key: str) -> Identity:
+        return await self.rpc_client.call("auth", "resolve_api_key", ApiKeyLookup(key=key), Identity)
 
     # -- wiring -------------------------------------------------------------------------------------------------
     def consume(self, spec: ConsumerSpec, handler: Handler) -> EventConsumer:
@@ -374,7 +391,7 @@ def create_service_app(
         tags=["system"],
         summary=f"This {settings.service_name} instance: version, uptime, NATS, consumers",
     )
-    async def service_info() -> dict[str, Any]:
+    async def service_info(_: AdminUser) -> dict[str, Any]:
         return runtime.describe()
 
     for router in routers:

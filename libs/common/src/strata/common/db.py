@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import DateTime, MetaData, event, text
 from sqlalchemy.engine import Dialect, make_url
@@ -107,8 +107,12 @@ class Database:
             try:
                 yield session
                 await session.commit()
-            except BaseException:
-                await session.rollback()
+            except BaseException as exc:
+                # An error that records something before it is answered (a revoked token family) keeps its writes.
+                if getattr(exc, "commit_session", False):
+                    await session.commit()
+                else:
+                    await session.rollback()
                 raise
         for callback in self._after_commit:
             callback(session)
@@ -148,12 +152,20 @@ def run_alembic_env(target_metadata: MetaData) -> None:
     if not url:
         raise RuntimeError("no database URL given to Alembic")
 
+    def render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
+        # Autogenerate would write ``strata.common.db.UTCDateTime(timezone=True)`` with no import.
+        if type_ == "type" and isinstance(obj, UTCDateTime):
+            autogen_context.imports.add("from strata.common.db import UTCDateTime")
+            return "UTCDateTime()"
+        return False
+
     def do_run(connection: Any) -> None:
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
             render_as_batch=connection.dialect.name == "sqlite",
             compare_type=True,
+            render_item=render_item,
         )
         with context.begin_transaction():
             if connection.dialect.name == "postgresql":

@@ -29,6 +29,8 @@ class StrataError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "INTERNAL_ERROR"
     default_message: ClassVar[str] = "Internal error."
+    #: Commit the request's database session even though this error is raised (see ``Database.session``).
+    commit_session: ClassVar[bool] = False
 
     def __init__(
         self,

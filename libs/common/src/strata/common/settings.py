@@ -45,6 +45,10 @@ class ServiceSettings(BaseSettings):
     otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
 
     request_id_header: str = "X-Request-ID"
+    jwt_issuer: str = "strata"
+    jwt_audience: str = "strata-api"
+    #: How long a resolved API key is trusted before asking the auth service again (a revocation's delay).
+    api_key_cache_ttl_s: float = Field(default=30.0, ge=0)
     outbox_poll_interval_s: float = Field(default=1.0, gt=0)
 
     @classmethod
