@@ -15,6 +15,7 @@ import pytest
 from strata.common.procs import SERVICES, NatsServer, ServiceProcess, free_port, suite_env
 
 pytestmark = pytest.mark.slow
+ADMIN = ("admin@example.com", "suite admin password 1")
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Suite:
     gateway: str
     procs: dict[str, ServiceProcess]
     logs: Path
+    admin_headers: dict[str, str]
 
     def wait_for_records(self, service: str, predicate: Any, timeout_s: float = 10.0) -> list[dict[str, Any]]:
         """Log records of ``service`` matching ``predicate``, waiting for them (logs are written after responses)."""
@@ -51,7 +53,13 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
         data_dir=root / "data",
         nats_url=nats.url,
         ports=ports,
-        extra={"STRATA_LOG_FORMAT": "json", "STRATA_ENVIRONMENT": "test"},
+        extra={
+            "STRATA_LOG_FORMAT": "json",
+            "STRATA_ENVIRONMENT": "test",
+            "STRATA_ADMIN_EMAIL": ADMIN[0],
+            "STRATA_ADMIN_PASSWORD": ADMIN[1],
+            "STRATA_GATEWAY_RATE_LIMIT_SIGNIN": "30/min;burst=8",
+        },
     )
     procs = {
         name: ServiceProcess(service=name, port=ports[name], env=env, log_file=root / "logs" / f"{name}.log").start()
@@ -74,7 +82,10 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
             time.sleep(0.2)
         else:
             pytest.fail(f"the suite was not ready within 60s: {body}")
-        yield Suite(gateway=gateway, procs=procs, logs=root / "logs")
+        token = httpx.post(gateway + "/api/v1/auth/token", data={"username": ADMIN[0], "password": ADMIN[1]})
+        assert token.status_code == 200, token.text
+        headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+        yield Suite(gateway=gateway, procs=procs, logs=root / "logs", admin_headers=headers)
     finally:
         for proc in reversed(list(procs.values())):
             proc.stop()
@@ -95,7 +106,7 @@ def test_one_route_on_each_service_through_the_gateway(suite: Suite) -> None:
     for name in SERVICES:
         resp = httpx.get(
             f"{suite.gateway}/api/v1/system/{name}/info",
-            headers={"X-Request-ID": f"suite-{name}", "traceparent": traceparent},
+            headers={"X-Request-ID": f"suite-{name}", "traceparent": traceparent, **suite.admin_headers},
         )
         assert resp.status_code == 200, resp.text
         assert resp.headers["x-request-id"] == f"suite-{name}"
@@ -111,7 +122,7 @@ def test_an_event_crosses_services_with_its_trace(suite: Suite) -> None:
     """datasets publishes instance.started through its outbox; the gateway consumes it, in the same trace."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        listed = httpx.get(suite.gateway + "/api/v1/system/instances").json()["data"]
+        listed = httpx.get(suite.gateway + "/api/v1/system/instances", headers=suite.admin_headers).json()["data"]
         if {r["service"] for r in listed} >= set(SERVICES):
             break
         time.sleep(0.2)
@@ -129,9 +140,9 @@ def test_an_event_crosses_services_with_its_trace(suite: Suite) -> None:
 
 
 def test_unknown_paths_and_errors_keep_the_envelope(suite: Suite) -> None:
-    resp = httpx.get(suite.gateway + "/api/v1/nowhere")
+    resp = httpx.get(suite.gateway + "/api/v1/nowhere", headers=suite.admin_headers)
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "NOT_FOUND"
-    resp = httpx.get(suite.gateway + "/api/v1/system/datasets/nothing")
+    resp = httpx.get(suite.gateway + "/api/v1/system/datasets/nothing", headers=suite.admin_headers)
     assert resp.status_code == 404 and resp.json()["error"]["request_id"] == resp.headers["x-request-id"]
 
 
@@ -139,3 +150,48 @@ def test_metrics_on_every_service(suite: Suite) -> None:
     for proc in suite.procs.values():
         text = httpx.get(proc.url + "/metrics").text
         assert "strata_http_requests_total" in text and "strata_nats_connected" in text
+
+
+def test_sign_in_roles_and_limits_through_the_gateway(suite: Suite) -> None:
+    """Issue 3's walk-through, through the gateway only."""
+    gw = suite.gateway
+    created = httpx.post(
+        gw + "/api/v1/auth/users",
+        headers=suite.admin_headers,
+        json={
+            "email": "analyst@example.com",
+            "password": "analyst password 1",
+            "display_name": "Ana",
+            "role": "analyst",
+        },
+    )
+    assert created.status_code == 201, created.text
+    login = httpx.post(
+        gw + "/api/v1/auth/token", data={"username": "analyst@example.com", "password": "analyst password 1"}
+    )
+    assert login.status_code == 200
+    tokens = login.json()
+    refreshed = httpx.post(gw + "/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert refreshed.status_code == 200
+    analyst = {"Authorization": f"Bearer {refreshed.json()['access_token']}"}
+    me = httpx.get(gw + "/api/v1/auth/me", headers=analyst)
+    assert me.status_code == 200 and me.json()["role"] == "analyst"
+
+    # Services verify the token themselves: reached directly, without one, they answer 401 too.
+    direct = httpx.get(suite.procs["datasets"].url + "/api/v1/system/datasets/info")
+    assert direct.status_code == 401
+    assert httpx.get(gw + "/api/v1/auth/me").status_code == 401
+    assert httpx.get(gw + "/api/v1/auth/users", headers=analyst).status_code == 403
+    assert httpx.get(gw + "/api/v1/system/instances", headers=analyst).status_code == 403
+    # An API key works through the gateway like a token (resolved by auth over NATS).
+    key = httpx.post(gw + "/api/v1/auth/api-keys", headers=analyst, json={"name": "ci", "role": "viewer"}).json()
+    as_key = httpx.get(gw + "/api/v1/auth/me", headers={"Authorization": f"Bearer {key['key']}"})
+    assert as_key.status_code == 200 and as_key.json()["email"] == "analyst@example.com"
+    # Guessing passwords runs into the sign-in limit.
+    codes = [
+        httpx.post(gw + "/api/v1/auth/token", data={"username": "analyst@example.com", "password": "guess"}).status_code
+        for _ in range(12)
+    ]
+    assert 401 in codes and codes[-1] == 429, codes
+    limited = httpx.post(gw + "/api/v1/auth/token", data={"username": "x@example.com", "password": "y"})
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1

@@ -14,7 +14,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from strata.common.procs import free_port
-from strata.common.testing import app_client, serve_app
+from strata.common.testing import TokenFactory, app_client, serve_app
 from strata.gateway.app import create_app
 from strata.gateway.config import Settings
 from strata.gateway.proxy import service_for
@@ -84,9 +84,13 @@ async def echo() -> AsyncIterator[tuple[Echo, str]]:
         yield app, url
 
 
+TOKENS = TokenFactory()
+AUTH = TOKENS.headers(user_id="u-1", role="analyst", ttl_s=3600)
+
+
 def gateway(tmp_path: Path, nats_url: str, upstream: str, **kw: Any):  # type: ignore[no-untyped-def]
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    return create_app(
+    app = create_app(
         Settings(
             data_dir=tmp_path,
             nats_url=nats_url,
@@ -97,6 +101,8 @@ def gateway(tmp_path: Path, nats_url: str, upstream: str, **kw: Any):  # type: i
             **kw,
         )
     )
+    TOKENS.install(app)
+    return app
 
 
 def test_routing_table() -> None:
@@ -120,7 +126,7 @@ async def test_forwards_path_query_and_headers(tmp_path: Path, nats_url: str, ec
                 "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
                 "Connection": "keep-alive, X-Secret-Hop",
                 "X-Forwarded-For": "6.6.6.6",
-                "Authorization": "Bearer t",
+                **AUTH,
             },
         )
     assert resp.status_code == 200
@@ -130,7 +136,8 @@ async def test_forwards_path_query_and_headers(tmp_path: Path, nats_url: str, ec
     assert seen["x-request-id"] == "rid-1"
     assert seen["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"  # same trace, gateway's span
     assert seen["x-forwarded-for"] != "6.6.6.6"  # the gateway says who the client is, not the client
-    assert seen["authorization"] == "Bearer t"
+    assert seen["authorization"] == AUTH["Authorization"]
+    assert seen["x-strata-user-id"] == "u-1" and seen["x-strata-user-role"] == "analyst"
     assert resp.headers["x-upstream"] == "echo" and "connection" not in resp.headers
     assert resp.headers["x-request-id"] == "rid-1"
 
@@ -150,7 +157,7 @@ async def test_request_body_is_streamed_not_buffered(tmp_path: Path, nats_url: s
             yield chunk
 
     async with app_client(gateway(tmp_path, nats_url, url)) as client:
-        resp = await client.post("/api/v1/datasets", content=body(), timeout=30)
+        resp = await client.post("/api/v1/datasets", content=body(), timeout=30, headers=AUTH)
     assert resp.status_code == 200, resp.text
     assert resp.json()["size"] == 32 << 20 and resp.json()["sha256"] == expected.hexdigest()
 
@@ -161,7 +168,7 @@ async def test_response_is_streamed(tmp_path: Path, nats_url: str, echo: tuple[E
     async with (
         serve_app(gateway(tmp_path, nats_url, url)) as base,
         httpx.AsyncClient(base_url=base) as client,
-        client.stream("GET", "/api/v1/datasets/x/stream") as resp,
+        client.stream("GET", "/api/v1/datasets/x/stream", headers=AUTH) as resp,
     ):
         chunks = resp.aiter_raw()
         first = await asyncio.wait_for(chunks.__anext__(), 10)
@@ -174,7 +181,7 @@ async def test_response_is_streamed(tmp_path: Path, nats_url: str, echo: tuple[E
 async def test_unreachable_upstream_is_502(tmp_path: Path, nats_url: str, echo: tuple[Echo, str]) -> None:
     _, url = echo
     async with app_client(gateway(tmp_path, nats_url, url)) as client:
-        resp = await client.get("/api/v1/auth/me")
+        resp = await client.get("/api/v1/auth/me", headers=AUTH)
     assert resp.status_code == 502
     assert resp.json()["error"]["code"] == "BAD_GATEWAY"
     assert resp.json()["error"]["request_id"] == resp.headers["x-request-id"]
@@ -182,8 +189,8 @@ async def test_unreachable_upstream_is_502(tmp_path: Path, nats_url: str, echo: 
 
 async def test_slow_upstream_is_504(tmp_path: Path, nats_url: str, echo: tuple[Echo, str]) -> None:
     _, url = echo
-    async with app_client(gateway(tmp_path, nats_url, url, upstream_timeout_s=0.3)) as client:
-        resp = await client.get("/api/v1/datasets/slow")
+    async with app_client(gateway(tmp_path, nats_url, url, upstream_timeout_s=0.3, route_timeouts_s={})) as client:
+        resp = await client.get("/api/v1/datasets/slow", headers=AUTH)
     assert resp.status_code == 504 and resp.json()["error"]["code"] == "UPSTREAM_TIMEOUT"
 
 
@@ -191,7 +198,7 @@ async def test_unknown_api_is_404_envelope(tmp_path: Path, nats_url: str, echo: 
     _, url = echo
     async with app_client(gateway(tmp_path, nats_url, url)) as client:
         for path in ("/api/v1/nothing", "/api/v1/system/nope/info", "/api/v1/"):
-            resp = await client.get(path)
+            resp = await client.get(path, headers=AUTH)
             assert resp.status_code == 404, path
             assert resp.json()["error"]["code"] == "NOT_FOUND"
 
@@ -210,8 +217,8 @@ async def test_readyz_names_what_is_not_ready(tmp_path: Path, nats_url: str, ech
 async def test_proxy_metrics_use_the_mount_not_the_path(tmp_path: Path, nats_url: str, echo: tuple[Echo, str]) -> None:
     _, url = echo
     async with app_client(gateway(tmp_path, nats_url, url)) as client:
-        await client.get("/api/v1/datasets/123")
-        await client.get("/api/v1/datasets/456")
+        await client.get("/api/v1/datasets/123", headers=AUTH)
+        await client.get("/api/v1/datasets/456", headers=AUTH)
         text = (await client.get("/metrics")).text
     assert 'route="/api/v1/{path}",status="200"} 2.0' in text
     assert "/api/v1/datasets/123" not in text

@@ -361,6 +361,7 @@ def create_service_app(
         telemetry={"tracing": True, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
+    app.state.runtime = runtime  # for tests and tools; routes get it from the lifespan state
     app.add_middleware(
         RequestContextMiddleware,
         metrics=runtime.metrics,

@@ -22,7 +22,7 @@ import jwt
 from jwt import PyJWK
 
 from .contracts.auth import Identity, Role
-from .errors import RemoteError, ServiceUnavailable, StrataError, Unauthorized
+from .errors import StrataError, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class TokenVerifier:
         self._keys: dict[str, Any] = {}
         self._jwks: dict[str, Any] = {"keys": []}
         self._last_refresh = float("-inf")
+        self._next_attempt = float("-inf")
         self._refresh_lock = asyncio.Lock()
         self._api_keys: OrderedDict[str, tuple[float, Identity | StrataError]] = OrderedDict()
 
@@ -100,15 +101,16 @@ class TokenVerifier:
         return self._jwks
 
     async def refresh_keys(self, *, force: bool = False) -> bool:
-        """Fetch the JWKS unless it was fetched less than ``min_refresh_interval_s`` ago. True if it was fetched."""
+        """Fetch the JWKS, at most once per ``min_refresh_interval_s`` after a good answer and once a second after
+        a failed or empty one (the auth service may still be starting). True if keys were loaded."""
         async with self._refresh_lock:
             now = time.monotonic()
-            if not force and now - self._last_refresh < self.min_refresh_interval_s:
+            if not force and now < self._next_attempt:
                 return False
-            self._last_refresh = now
+            self._next_attempt = now + 1.0
             try:
                 jwks = await self.jwks_source()
-            except (RemoteError, ServiceUnavailable, StrataError) as exc:
+            except StrataError as exc:
                 log.warning("could not fetch the JWKS: %s", exc.message)
                 return False
             keys = {}
@@ -117,13 +119,18 @@ class TokenVerifier:
                     keys[entry["kid"]] = PyJWK(entry).key
                 except (KeyError, jwt.PyJWKError) as exc:
                     log.warning("skipping a JWKS entry: %s", exc)
+            if not keys:
+                log.warning("the JWKS has no usable keys yet")
+                return False
             self._keys, self._jwks, self._stale = keys, jwks, False
-            log.info("JWKS loaded: %s", ", ".join(sorted(keys)) or "no keys")
+            self._last_refresh = now
+            self._next_attempt = now + self.min_refresh_interval_s
+            log.info("JWKS loaded: %s", ", ".join(sorted(keys)))
             return True
 
     def forget_keys(self) -> None:
         """Make the next verification fetch the JWKS again (after a rotation), so retired keys stop verifying."""
-        self._last_refresh = float("-inf")
+        self._next_attempt = float("-inf")
         self._stale = True
 
     # -- verification ---------------------------------------------------------------------------------------------

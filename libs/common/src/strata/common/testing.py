@@ -197,3 +197,52 @@ async def serve_app(app: Any, *, lifespan: Literal["auto", "on", "off"] = "on") 
     finally:
         server.should_exit = True
         await task
+
+
+class TokenFactory:
+    """Signs access tokens with a key of its own, for tests of a service without the auth service.
+
+    ``install(app)`` makes the app's verifier trust this factory's JWKS instead of asking auth over NATS.
+    """
+
+    def __init__(self, *, issuer: str = "strata", audience: str = "strata-api") -> None:
+        import json
+
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from jwt.algorithms import OKPAlgorithm
+
+        self.issuer, self.audience = issuer, audience
+        self.key = Ed25519PrivateKey.generate()
+        self.kid = uuid.uuid4().hex
+        jwk = json.loads(OKPAlgorithm.to_jwk(self.key.public_key()))
+        jwk.update(kid=self.kid, alg="EdDSA", use="sig")
+        self._jwks = {"keys": [jwk]}
+
+    def jwks(self) -> dict[str, Any]:
+        return self._jwks
+
+    def token(self, *, user_id: str = "user-1", role: str = "admin", ttl_s: int = 300, **claims: Any) -> str:
+        import jwt
+
+        now = int(time.time())
+        payload = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": user_id,
+            "role": role,
+            "sid": f"sid-{user_id}",
+            "jti": uuid.uuid4().hex,
+            "iat": now,
+            "exp": now + ttl_s,
+            **claims,
+        }
+        return jwt.encode(payload, self.key, algorithm="EdDSA", headers={"kid": self.kid})
+
+    def headers(self, **kwargs: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(**kwargs)}"}
+
+    def install(self, app: FastAPI) -> None:
+        async def source() -> dict[str, Any]:
+            return self._jwks
+
+        app.state.runtime.verifier.jwks_source = source

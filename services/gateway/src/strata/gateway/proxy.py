@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict
@@ -55,6 +57,47 @@ class ClientDisconnected(Exception):
     pass
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a request may do upstream: its body size and how long to wait for the answer."""
+
+    max_body_bytes: int
+    max_upload_bytes: int
+    upload_routes: tuple[re.Pattern[str], ...]
+    default_timeout_s: float
+    route_timeouts_s: tuple[tuple[str, float], ...]  # longest prefix first
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        max_body_bytes: int,
+        max_upload_bytes: int,
+        upload_routes: list[str],
+        default_timeout_s: float,
+        route_timeouts_s: dict[str, float],
+    ) -> Policy:
+        return cls(
+            max_body_bytes,
+            max_upload_bytes,
+            tuple(re.compile(p) for p in upload_routes),
+            default_timeout_s,
+            tuple(sorted(route_timeouts_s.items(), key=lambda kv: -len(kv[0]))),
+        )
+
+    def body_limit(self, method: str, path: str) -> int:
+        if method in ("POST", "PUT") and any(p.match(path) for p in self.upload_routes):
+            return self.max_upload_bytes
+        return self.max_body_bytes
+
+    def timeout(self, path: str) -> float:
+        return next((t for prefix, t in self.route_timeouts_s if path.startswith(prefix)), self.default_timeout_s)
+
+
 def service_for(path: str) -> str | None:
     """The service owning ``/api/v1/<prefix>/...``; ``/api/v1/system/<service>/...`` goes to that service."""
     parts = path.split("/", 5)  # ['', 'api', 'v1', prefix, rest...]
@@ -91,9 +134,10 @@ async def _send_error(send: Send, status: int, code: str, message: str) -> None:
 
 
 class Proxy:
-    def __init__(self, *, upstreams: dict[str, str], session: aiohttp.ClientSession | None) -> None:
+    def __init__(self, *, upstreams: dict[str, str], session: aiohttp.ClientSession | None, policy: Policy) -> None:
         self.upstreams = upstreams
         self._session = session
+        self.policy = policy
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -116,18 +160,31 @@ class Proxy:
         method: str = scope["method"]
         headers = self._forward_headers(scope)
         has_body = method not in BODYLESS or "content-length" in headers or "transfer-encoding" in headers
+        limit = self.policy.body_limit(method, path)
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await _send_error(send, 400, "BAD_REQUEST", "Content-Length is not a number.")
+                return
+            if int(declared) > limit:
+                await _send_error(send, 413, "PAYLOAD_TOO_LARGE", f"The body may be at most {limit} bytes.")
+                return
         url = self.upstreams[service] + scope.get("raw_path", path.encode()).decode("latin-1")
         query = scope.get("query_string", b"")
         if query:
             url += "?" + query.decode("latin-1")
 
         async def body() -> AsyncIterator[bytes]:
+            seen = 0
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     raise ClientDisconnected
                 chunk = message.get("body", b"")
                 if chunk:
+                    seen += len(chunk)
+                    if seen > limit:  # a chunked body can only be counted: stop it here, upstream sees it cut
+                        raise BodyTooLarge
                     yield chunk
                 if not message.get("more_body", False):
                     return
@@ -140,15 +197,25 @@ class Proxy:
                 data=body() if has_body else None,
                 allow_redirects=False,
                 skip_auto_headers=("Content-Type",),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.session.timeout.sock_connect, sock_read=self.policy.timeout(path)
+                ),
             )
         except ClientDisconnected:
+            return
+        except BodyTooLarge:
+            await _send_error(send, 413, "PAYLOAD_TOO_LARGE", f"The body may be at most {limit} bytes.")
             return
         except (TimeoutError, aiohttp.ServerTimeoutError):
             log.warning("%s did not answer %s %s in time", service, method, path)
             await _send_error(send, 504, "UPSTREAM_TIMEOUT", f"The {service} service did not answer in time.")
             return
         except aiohttp.ClientError as exc:
-            if isinstance(exc.__cause__, ClientDisconnected) or isinstance(exc.__context__, ClientDisconnected):
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ClientDisconnected):
+                return
+            if isinstance(cause, BodyTooLarge):
+                await _send_error(send, 413, "PAYLOAD_TOO_LARGE", f"The body may be at most {limit} bytes.")
                 return
             log.warning("%s unreachable for %s %s: %s", service, method, path, type(exc).__name__)
             await _send_error(send, 502, "BAD_GATEWAY", f"The {service} service is not reachable.")
