@@ -323,6 +323,7 @@ def create_service_app(
     readiness: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     on_started: Callable[[Runtime], Awaitable[None]] | None = None,
     on_stopping: Callable[[Runtime], Awaitable[None]] | None = None,
+    openapi_url: str | None = "/openapi.json",
 ) -> FastAPI:
     """A FastAPI app with the common shape. Nothing connects until the lifespan runs."""
 
@@ -359,6 +360,7 @@ def create_service_app(
         version=__version__,
         lifespan=lifespan,
         telemetry={"tracing": True, "metrics": False, "logs": False},
+        openapi_url=openapi_url,
     )
     install_error_handlers(app)
     app.state.runtime = runtime  # for tests and tools; routes get it from the lifespan state

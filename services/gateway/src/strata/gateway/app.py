@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.middleware import Middleware
 
+from strata.common import __version__
 from strata.common.app import Runtime, create_service_app
 from strata.common.consumer import MemoryDedup
 from strata.common.deps import AdminUser
@@ -23,6 +24,7 @@ from strata.common.observability import Metrics
 from .config import Settings
 from .edge import EdgeMiddleware, SecurityHeadersMiddleware
 from .instances import InstanceRegistry, consumer_spec
+from .openapi import OpenApiAggregator, install_docs
 from .proxy import Policy, Proxy, upstream_session
 from .ratelimit import RateLimiter, create_rate_limiter
 
@@ -102,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         readiness=readiness,
         on_started=on_started,
         on_stopping=on_stopping,
+        openapi_url=None,  # the gateway serves the services' specs merged, below
     )
     # Innermost, inside the request middleware, so a 401 or 429 has a request id and is counted.
     app.user_middleware.append(
@@ -129,5 +132,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         data = registry.list()
         return {"data": data, "meta": {"next_cursor": None, "limit": len(data)}}
 
+    aggregator = OpenApiAggregator(
+        upstreams=upstreams,
+        session=session,
+        title="Strata API",
+        version=__version__,
+        ttl_s=settings.openapi_cache_ttl_s,
+    )
+    # Swagger UI keeps the whole sign-in (password included) in the browser's storage when asked to persist it.
+    install_docs(app, aggregator, swagger_ui_parameters={"persistAuthorization": settings.environment != "production"})
     app.mount("/api/v1", proxy, name="proxy")
     return app

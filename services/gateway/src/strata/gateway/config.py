@@ -40,6 +40,7 @@ class Settings(ServiceSettings):
     readiness_timeout_s: float = Field(default=2.0, gt=0)
     max_connections: int = Field(default=512, ge=1)
     instance_stale_after_s: float = Field(default=30.0, gt=0)
+    openapi_cache_ttl_s: float = Field(default=30.0, gt=0)
     #: Upstream read timeouts by path prefix (longest prefix wins); others use upstream_timeout_s.
     route_timeouts_s: dict[str, float] = Field(default_factory=lambda: {"/api/v1/datasets": 900.0})
 
