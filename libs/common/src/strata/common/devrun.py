@@ -33,6 +33,7 @@ class Supervisor:
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.nats: NatsServer | None = None
         self.stopping = False
+        self.first_run: str | None = None
         self._stopped: asyncio.Task[None] | None = None
         self.width = max(len(s) for s in (*SERVICES, "nats"))
 
@@ -45,7 +46,10 @@ class Supervisor:
     async def pump(self, name: str, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         async for raw in proc.stdout:
-            self.say(name, raw.decode(errors="replace").rstrip())
+            line = raw.decode(errors="replace").rstrip()
+            if "FIRST RUN: created the admin" in line:
+                self.first_run = line.split("FIRST RUN: ", 1)[1].split("  ", 1)[0]
+            self.say(name, line)
 
     async def start(self) -> int:
         nats_url = os.environ.get("STRATA_NATS_URL")
@@ -124,8 +128,16 @@ class Supervisor:
             f"  API        {base}/api/v1",
             f"  Readiness  {base}/readyz",
             f"  Metrics    {base}/metrics",
-            f"  Instances  {base}/api/v1/system/instances",
+            f"  Docs       {base}/docs  (Authorize: sign in with an email and password)",
+            f"  Sign in    curl -X POST {base}/api/v1/auth/token -d username=EMAIL -d password=PASSWORD",
         ]
+        if self.first_run:
+            lines.append(f"  First run: {self.first_run}")
+        else:
+            lines.append(
+                "  The first admin was created on the first run; its password was printed then (or set with "
+                "STRATA_ADMIN_PASSWORD)."
+            )
         for line in lines:
             self.say("gateway", line)
 
