@@ -11,9 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
-from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
-from nats.js.errors import NotFoundError
 from sqlalchemy import Integer, String, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,7 +31,7 @@ from strata.common.consumer import (
 from strata.common.db import Database, new_metadata
 from strata.common.events import DLQ_STREAM, EVENTS_STREAM, MSG_ID_HEADER, Bus, CloudEvent
 from strata.common.procs import NatsServer
-from strata.common.testing import eventually
+from strata.common.testing import eventually, stream_messages
 
 SERVICE = "test"
 
@@ -130,20 +128,6 @@ async def running(bus: Bus, spec: ConsumerSpec, handler: Handler) -> AsyncIterat
         yield consumer
     finally:
         await consumer.stop()
-
-
-async def stream_messages(js: JetStreamContext, subject: str, stream: str) -> list[RawStreamMsg]:
-    """Every message the stream holds on ``subject``, oldest first."""
-    found: list[RawStreamMsg] = []
-    seq = 1
-    while True:
-        try:
-            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
-        except NotFoundError:
-            return found
-        found.append(msg)
-        assert msg.seq is not None
-        seq = msg.seq + 1
 
 
 async def dead_letters(bus: Bus, consumer: EventConsumer, n: int = 1) -> list[RawStreamMsg]:

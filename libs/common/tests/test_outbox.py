@@ -8,9 +8,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from nats.js import JetStreamContext
-from nats.js.api import RawStreamMsg
-from nats.js.errors import NotFoundError
 from sqlalchemy import select, update
 from sqlalchemy.orm import DeclarativeBase
 
@@ -20,7 +17,7 @@ from strata.common.db import Database, new_metadata
 from strata.common.events import EVENTS_STREAM, MSG_ID_HEADER, Bus, CloudEvent
 from strata.common.outbox import OutboxMixin, OutboxRelay, stage_event
 from strata.common.procs import NatsServer
-from strata.common.testing import eventually
+from strata.common.testing import eventually, stream_messages
 
 
 class Base(DeclarativeBase):
@@ -65,20 +62,6 @@ def unique_subject(verb: str = "created") -> str:
 
 def event_on(subject: str, **data: Any) -> CloudEvent:
     return CloudEvent(source="/strata/test", type=subject, data=data)
-
-
-async def stream_messages(js: JetStreamContext, subject: str, stream: str = EVENTS_STREAM) -> list[RawStreamMsg]:
-    """Every message the stream holds on ``subject`` (a filter), oldest first."""
-    found: list[RawStreamMsg] = []
-    seq = 1
-    while True:
-        try:
-            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
-        except NotFoundError:
-            return found
-        found.append(msg)
-        assert msg.seq is not None
-        seq = msg.seq + 1
 
 
 async def rows(db: Database) -> list[Outbox]:

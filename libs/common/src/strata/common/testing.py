@@ -246,3 +246,18 @@ class TokenFactory:
             return self._jwks
 
         app.state.runtime.verifier.jwks_source = source
+
+
+async def stream_messages(js: Any, subject: str, stream: str = "STRATA_EVENTS") -> list[Any]:
+    """Every message ``stream`` holds on ``subject`` (a filter, wildcards allowed), oldest first."""
+    from nats.js.errors import NotFoundError
+
+    found: list[Any] = []
+    seq = 1
+    while True:
+        try:
+            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except NotFoundError:
+            return found
+        found.append(msg)
+        seq = msg.seq + 1
