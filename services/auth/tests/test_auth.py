@@ -138,6 +138,7 @@ async def test_wrong_password_unknown_email_and_disabled_user_look_the_same(auth
     auth = auth_sqlite
     user = await auth.create_user("dora@example.com", "viewer")
     await auth.client.patch(f"/api/v1/auth/users/{user['id']}", json={"is_active": False}, headers=await auth.headers())
+    tokens_before, users_before = await db_count(auth, RefreshToken), await db_count(auth, User)
     answers = []
     for email, password in [
         (ADMIN_EMAIL, "wrong password!"),
@@ -149,6 +150,7 @@ async def test_wrong_password_unknown_email_and_disabled_user_look_the_same(auth
         answers.append((resp.status_code, resp.json()["error"]["code"], resp.json()["error"]["message"]))
         assert time.perf_counter() - started > 0.005  # argon2 ran even for the unknown email
     assert len(set(answers)) == 1 and answers[0][:2] == (401, "INVALID_CREDENTIALS")
+    assert (await db_count(auth, RefreshToken), await db_count(auth, User)) == (tokens_before, users_before)
 
 
 async def test_login_form_errors(auth_sqlite: Auth) -> None:

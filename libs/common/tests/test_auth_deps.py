@@ -1,0 +1,79 @@
+"""The shared auth dependencies: ``CurrentUser`` and ``require_role`` on a service's own routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar
+
+from fastapi import APIRouter, Depends
+from pydantic_settings import SettingsConfigDict
+
+from strata.common.app import Runtime, create_service_app
+from strata.common.contracts.auth import Identity, Role
+from strata.common.deps import AdminUser, CurrentUser, require_role
+from strata.common.observability import Metrics
+from strata.common.settings import ServiceSettings
+from strata.common.testing import TokenFactory, app_client
+
+TOKENS = TokenFactory()
+
+
+class DemoSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="STRATA_DEMO_", extra="ignore")
+    service_name: ClassVar[str] = "demo"
+
+
+router = APIRouter()
+
+
+@router.get("/api/v1/demo/read")
+async def read(user: CurrentUser) -> dict[str, str]:
+    return {"user": user.user_id, "role": user.role.value}
+
+
+@router.post("/api/v1/demo/run")
+async def run(user: Annotated[Identity, Depends(require_role(Role.analyst))]) -> dict[str, str]:
+    return {"ran_by": user.user_id}
+
+
+@router.delete("/api/v1/demo/all")
+async def wipe(user: AdminUser) -> dict[str, str]:
+    return {"wiped_by": user.user_id}
+
+
+def make_app(tmp_path: Path, nats_url: str):  # type: ignore[no-untyped-def]
+    settings = DemoSettings(data_dir=tmp_path, nats_url=nats_url)
+    app = create_service_app(
+        settings, runtime=Runtime(settings, metrics=Metrics("demo")), title="demo", routers=[router]
+    )
+    TOKENS.install(app)
+    return app
+
+
+async def test_roles_on_service_routes(tmp_path: Path, nats_url: str) -> None:
+    expected = {  # role -> (read, run, wipe)
+        "viewer": (200, 403, 403),
+        "analyst": (200, 200, 403),
+        "admin": (200, 200, 200),
+    }
+    async with app_client(make_app(tmp_path, nats_url)) as client:
+        for role, codes in expected.items():
+            headers = TOKENS.headers(user_id=f"u-{role}", role=role)
+            got = (
+                (await client.get("/api/v1/demo/read", headers=headers)).status_code,
+                (await client.post("/api/v1/demo/run", headers=headers)).status_code,
+                (await client.delete("/api/v1/demo/all", headers=headers)).status_code,
+            )
+            assert got == codes, role
+        refused = await client.post("/api/v1/demo/run", headers=TOKENS.headers(role="viewer"))
+        assert refused.json()["error"]["code"] == "FORBIDDEN"
+        assert "analyst" in refused.json()["error"]["message"]
+        for headers in ({}, {"Authorization": "Bearer nope"}, TOKENS.headers(role="superuser")):
+            assert (await client.get("/api/v1/demo/read", headers=headers)).status_code == 401
+
+
+async def test_the_service_declares_the_oauth2_flow(tmp_path: Path, nats_url: str) -> None:
+    spec = make_app(tmp_path, nats_url).openapi()
+    scheme = spec["components"]["securitySchemes"]["OAuth2PasswordBearer"]
+    assert scheme["flows"]["password"]["tokenUrl"] == "/api/v1/auth/token"
+    assert spec["paths"]["/api/v1/demo/run"]["post"]["security"] == [{"OAuth2PasswordBearer": []}]
