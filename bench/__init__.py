@@ -1,4 +1,4 @@
-"""Strata benchmarks: ``python -m bench [gateway|events]``. Not part of ``make test``; see bench/README.md.
+"""Strata benchmarks: ``python -m bench [gateway|auth|events]``. Not part of ``make test``; see bench/README.md.
 
 Each benchmark starts its own ``nats-server`` and services on free loopback ports in a temporary data folder, measures,
 prints a table with ratios against a baseline measured in the same run, and stops everything it started.
@@ -11,7 +11,13 @@ import os
 from collections.abc import Sequence
 
 # What every benchmarked process gets: JSON logs, and no access log line per request (it would dominate the cost).
-BENCH_ENV: dict[str, str] = {"STRATA_LOG_FORMAT": "json", "STRATA_ACCESS_LOG": "false"}
+BENCH_ENV: dict[str, str] = {
+    "STRATA_LOG_FORMAT": "json",
+    "STRATA_ACCESS_LOG": "false",
+    # One client sends everything as one user: the gateway's per-user limits would measure themselves.
+    "STRATA_GATEWAY_RATE_LIMIT_USER": "1000000/s;burst=1000000",
+    "STRATA_GATEWAY_RATE_LIMIT_ANONYMOUS": "1000000/s;burst=1000000",
+}
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float:

@@ -1,4 +1,4 @@
-"""``python -m bench [gateway|events|all]``: run the benchmarks and print their tables (see bench/README.md)."""
+"""``python -m bench [gateway|auth|events|all]``: run the benchmarks and print their tables (see bench/README.md)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ from . import machine
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", nargs="?", default="all", choices=("all", "gateway", "events"))
+    parser.add_argument("which", nargs="?", default="all", choices=("all", "gateway", "auth", "events"))
     parser.add_argument("--quick", action="store_true", help="short runs, to check that the benchmarks work")
     parser.add_argument(
         "--client",
         default="auto",
         choices=("auto", "wrk", "python"),
-        help="gateway load generator (auto: wrk when installed)",
+        help="gateway and auth load generator (auto: wrk when installed)",
     )
-    parser.add_argument("--connections", type=int, default=32, help="gateway: concurrent connections")
-    parser.add_argument("--duration", type=float, default=10.0, help="gateway: seconds per round")
+    parser.add_argument("--connections", type=int, default=32, help="gateway, auth: concurrent connections")
+    parser.add_argument(
+        "--duration", type=float, default=None, help="gateway, auth: seconds per round (default: 10, 8)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -37,11 +39,25 @@ def main(argv: list[str] | None = None) -> int:
 
         started = time.monotonic()
         print("\n== gateway overhead ==", flush=True)
-        kwargs: dict[str, Any] = {"connections": args.connections, "duration_s": args.duration, "client": args.client}
+        kwargs: dict[str, Any] = {"connections": args.connections, "client": args.client}
+        if args.duration is not None:
+            kwargs["duration_s"] = args.duration
         if args.quick:
             kwargs.update(duration_s=2.0, warmup_s=1.0, single_duration_s=1.0, rounds=1)
         results["gateway"] = gateway_overhead.run(**kwargs)
         print(f"(gateway benchmark took {time.monotonic() - started:.0f}s)", flush=True)
+    if args.which in ("all", "auth"):
+        from . import auth_overhead
+
+        started = time.monotonic()
+        print("\n== auth overhead ==", flush=True)
+        kwargs = {"connections": args.connections, "client": args.client}
+        if args.duration is not None:
+            kwargs["duration_s"] = args.duration
+        if args.quick:
+            kwargs.update(duration_s=2.0, warmup_s=1.0, single_duration_s=1.0, rounds=1, micro_batches=50)
+        results["auth"] = auth_overhead.run(**kwargs)
+        print(f"(auth benchmark took {time.monotonic() - started:.0f}s)", flush=True)
     if args.which in ("all", "events"):
         from . import event_bus
 

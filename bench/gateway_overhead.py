@@ -20,15 +20,20 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from strata.common.procs import SERVICES, NatsServer, ServiceProcess, free_port, http_json, suite_env
+from strata.common.procs import SERVICES, NatsServer, ServiceProcess, free_port, suite_env
 
 from . import BENCH_ENV, percentile, table
 
 PATH = "/api/v1/system/datasets/info"
+ADMIN = ("bench@example.com", "bench admin password 1")
 TARGET_THROUGHPUT_PCT = 60.0
 TARGET_ADDED_P50_MS = 1.0
 
@@ -63,8 +68,12 @@ class LoadResult:
 
 
 # -- clients --------------------------------------------------------------------------------------------------------
-def _wrk(url: str, *, connections: int, duration_s: float, script: Path) -> dict[str, float]:
+def _wrk(
+    url: str, *, connections: int, duration_s: float, script: Path, headers: Sequence[tuple[str, str]] = ()
+) -> dict[str, float]:
     args = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "10s", "--latency", "-s", str(script)]
+    for name, value in headers:
+        args += ["-H", f"{name}: {value}"]
     proc = subprocess.run([*args, url], capture_output=True, text=True, timeout=duration_s + 60, check=True)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
@@ -81,9 +90,12 @@ def _wrk(url: str, *, connections: int, duration_s: float, script: Path) -> dict
     raise RuntimeError(f"wrk printed no result:\n{proc.stdout}\n{proc.stderr}")
 
 
-async def _python_load(host: str, port: int, path: str, connections: int, duration_s: float) -> dict[str, float]:
+async def _python_load(
+    host: str, port: int, path: str, connections: int, duration_s: float, headers: Sequence[tuple[str, str]] = ()
+) -> dict[str, float]:
     """Closed-loop load on ``connections`` keep-alive connections: one request in flight on each, no pipelining."""
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/json\r\n\r\n".encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/json\r\n{extra}\r\n".encode()
     latencies: list[float] = []
     errors = 0
     clock = time.perf_counter
@@ -130,14 +142,21 @@ async def _python_load(host: str, port: int, path: str, connections: int, durati
     }
 
 
-def _run_python_load(url_port: int, connections: int, duration_s: float) -> dict[str, float]:
+def _run_python_load(
+    url_port: int,
+    connections: int,
+    duration_s: float,
+    *,
+    path: str = PATH,
+    headers: Sequence[tuple[str, str]] = (),
+) -> dict[str, float]:
     try:
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(_python_load("127.0.0.1", url_port, PATH, connections, duration_s))
+            return runner.run(_python_load("127.0.0.1", url_port, path, connections, duration_s, headers))
     except ImportError:
-        return asyncio.run(_python_load("127.0.0.1", url_port, PATH, connections, duration_s))
+        return asyncio.run(_python_load("127.0.0.1", url_port, path, connections, duration_s, headers))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -149,6 +168,30 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _sign_in(auth_url: str) -> str:
+    """An admin's access token, from the auth service's password flow (it may need a moment after start)."""
+    form = urllib.parse.urlencode({"username": ADMIN[0], "password": ADMIN[1]}).encode()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            request = urllib.request.Request(auth_url + "/api/v1/auth/token", data=form, method="POST")
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return str(json.loads(resp.read())["access_token"])
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _get_json(url: str, headers: dict[str, str]) -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode(errors="replace")
+
+
 # -- the benchmark --------------------------------------------------------------------------------------------------
 class _Stack:
     def __init__(self, root: Path) -> None:
@@ -158,9 +201,11 @@ class _Stack:
 
     def start(self) -> None:
         self.nats.start()
-        ports = {name: free_port() for name in SERVICES}  # auth, execution, schemas: unused ports
-        env = suite_env(data_dir=self.root / "data", nats_url=self.nats.url, ports=ports, extra=BENCH_ENV)
-        for name in ("datasets", "gateway"):
+        ports = {name: free_port() for name in SERVICES}  # execution, schemas: unused ports
+        extra = {**BENCH_ENV, "STRATA_ADMIN_EMAIL": ADMIN[0], "STRATA_ADMIN_PASSWORD": ADMIN[1]}
+        env = suite_env(data_dir=self.root / "data", nats_url=self.nats.url, ports=ports, extra=extra)
+        # auth too: the route needs an admin's token, verified by the gateway and again by the service.
+        for name in ("auth", "datasets", "gateway"):
             proc = ServiceProcess(name, ports[name], env, log_file=self.root / "logs" / f"{name}.log").start()
             self.procs[name] = proc
             proc.wait_healthy(timeout_s=60)
@@ -203,9 +248,11 @@ def run(
     try:
         t_start = time.monotonic()
         stack.start()
+        token = _sign_in(stack.procs["auth"].url)
+        headers = [("Authorization", f"Bearer {token}")]
         urls = {"direct": stack.procs["datasets"].url + PATH, "gateway": stack.procs["gateway"].url + PATH}
         for name, url in urls.items():
-            status, body = http_json(url)
+            status, body = _get_json(url, dict(headers))
             if status != 200 or not isinstance(body, dict) or body.get("service") != "datasets":
                 raise RuntimeError(f"{name} {url} answered {status}: {body}")
         print(
@@ -218,10 +265,10 @@ def run(
             pids = {"datasets": stack.pid("datasets"), "gateway": stack.pid("gateway")}
             cpu0 = {n: _cpu_seconds(p) for n, p in pids.items()}
             if use_wrk:
-                raw = _wrk(urls[target], connections=conns, duration_s=seconds, script=script)
+                raw = _wrk(urls[target], connections=conns, duration_s=seconds, script=script, headers=headers)
             else:
                 port = stack.procs["datasets" if target == "direct" else "gateway"].port
-                raw = _run_python_load(port, conns, seconds)
+                raw = _run_python_load(port, conns, seconds, headers=headers)
             result = LoadResult(target=target, connections=conns, **raw)  # type: ignore[arg-type]
             if result.requests:
                 result.cpu_us_per_req = {

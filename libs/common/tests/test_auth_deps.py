@@ -77,3 +77,32 @@ async def test_the_service_declares_the_oauth2_flow(tmp_path: Path, nats_url: st
     scheme = spec["components"]["securitySchemes"]["OAuth2PasswordBearer"]
     assert scheme["flows"]["password"]["tokenUrl"] == "/api/v1/auth/token"
     assert spec["paths"]["/api/v1/demo/run"]["post"]["security"] == [{"OAuth2PasswordBearer": []}]
+
+
+async def test_verified_tokens_are_cached_until_the_keys_change() -> None:
+    from strata.common.auth import InvalidToken, TokenVerifier
+
+    first, second = TokenFactory(), TokenFactory()
+    current = {"jwks": first.jwks()}
+    fetches = 0
+
+    async def source() -> dict[str, object]:
+        nonlocal fetches
+        fetches += 1
+        return current["jwks"]
+
+    verifier = TokenVerifier(jwks_source=source, api_key_source=None, issuer="strata", audience="strata-api")
+    token = first.token(role="analyst")
+    for _ in range(3):
+        assert (await verifier.verify(token)).role.value == "analyst"
+    assert fetches == 1
+    # The key that signed it is retired: once the verifier learns of new keys, the cached token is no good either.
+    current["jwks"] = second.jwks()
+    verifier.forget_keys()
+    try:
+        await verifier.verify(token)
+    except InvalidToken:
+        pass
+    else:
+        raise AssertionError("a token signed by a retired key was still accepted from the cache")
+    assert (await verifier.verify(second.token())).user_id == "user-1"
