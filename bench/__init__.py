@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
+
+from strata.common.procs import NatsServer, ServiceProcess
 
 # What every benchmarked process gets: JSON logs, and no access log line per request (it would dominate the cost).
 BENCH_ENV: dict[str, str] = {
@@ -49,3 +52,29 @@ def machine() -> str:
     import platform
 
     return f"{platform.node()} · {os.cpu_count()} CPUs · Python {platform.python_version()} · {platform.system()}"
+
+
+class ProcessStack:
+    """A benchmark's processes: a nats-server and services, stopped together; subclasses start what they need."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.nats = NatsServer(store_dir=root / "nats")
+        self.procs: dict[str, ServiceProcess] = {}
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs.values()):
+            proc.stop()
+        self.nats.stop()
+
+    def pid(self, name: str) -> int:
+        process = self.procs[name].process
+        assert process is not None
+        return process.pid
+
+    def log_tail(self, chars: int = 3000) -> str:
+        out = []
+        for proc in self.procs.values():
+            if proc.log_file is not None and proc.log_file.exists():
+                out.append(f"--- {proc.service} ---\n{proc.log_file.read_text(errors='replace')[-chars:]}")
+        return "\n".join(out)

@@ -36,12 +36,12 @@ from typing import IO, Any
 
 from strata.common.auth import TokenVerifier
 from strata.common.contracts.auth import Identity, Role
-from strata.common.procs import NatsServer, ServiceProcess, free_port, suite_env
+from strata.common.procs import ServiceProcess, free_port, suite_env
 from strata.common.testing import TokenFactory
 from strata.gateway.edge import EdgeLimits, EdgeMiddleware
 from strata.gateway.ratelimit import Limit, MemoryRateLimiter
 
-from . import BENCH_ENV, table
+from . import BENCH_ENV, ProcessStack, table
 from ._gateway_variant import AUTH_ENV, JWKS_FILE_ENV
 from .gateway_overhead import WRK_SCRIPT, LoadResult, _cpu_seconds, _run_python_load, _wrk
 
@@ -235,16 +235,14 @@ def _get(url: str, headers: dict[str, str]) -> tuple[int, Any]:
         return int(exc.code), json.loads(exc.read() or b"null")
 
 
-class _Stack:
+class _Stack(ProcessStack):
     """nats-server, the echo upstream, and the gateway twice: auth off and auth on."""
 
     VARIANTS = ("off", "on")
 
     def __init__(self, root: Path, jwks_file: Path) -> None:
-        self.root = root
+        super().__init__(root)
         self.jwks_file = jwks_file
-        self.nats = NatsServer(store_dir=root / "nats")
-        self.procs: dict[str, _ModuleProcess] = {}
 
     def start(self) -> None:
         self.nats.start()
@@ -282,23 +280,6 @@ class _Stack:
             ).start()
         for proc in self.procs.values():
             proc.wait_healthy(timeout_s=60)
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs.values()):
-            proc.stop()
-        self.nats.stop()
-
-    def pid(self, name: str) -> int:
-        process = self.procs[name].process
-        assert process is not None
-        return process.pid
-
-    def log_tail(self, chars: int = 3000) -> str:
-        out = []
-        for proc in self.procs.values():
-            if proc.log_file is not None and proc.log_file.exists():
-                out.append(f"--- {proc.service} ---\n{proc.log_file.read_text(errors='replace')[-chars:]}")
-        return "\n".join(out)
 
 
 def _check(stack: _Stack, token_headers: dict[str, str]) -> None:

@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from strata.common.procs import SERVICES, NatsServer, ServiceProcess, free_port, suite_env
+from strata.common.procs import SERVICES, ServiceProcess, free_port, suite_env
 
-from . import BENCH_ENV, percentile, table
+from . import BENCH_ENV, ProcessStack, percentile, table
 
 PATH = "/api/v1/system/datasets/info"
 ADMIN = ("bench@example.com", "bench admin password 1")
@@ -193,12 +193,7 @@ def _get_json(url: str, headers: dict[str, str]) -> tuple[int, Any]:
 
 
 # -- the benchmark --------------------------------------------------------------------------------------------------
-class _Stack:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.nats = NatsServer(store_dir=root / "nats")
-        self.procs: dict[str, ServiceProcess] = {}
-
+class _Stack(ProcessStack):
     def start(self) -> None:
         self.nats.start()
         ports = {name: free_port() for name in SERVICES}  # execution, schemas: unused ports
@@ -209,24 +204,6 @@ class _Stack:
             proc = ServiceProcess(name, ports[name], env, log_file=self.root / "logs" / f"{name}.log").start()
             self.procs[name] = proc
             proc.wait_healthy(timeout_s=60)
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs.values()):
-            proc.stop()
-        self.nats.stop()
-
-    def pid(self, name: str) -> int:
-        process = self.procs[name].process
-        assert process is not None
-        return process.pid
-
-    def log_tail(self, chars: int = 3000) -> str:
-        out = []
-        for name in self.procs:
-            path = self.root / "logs" / f"{name}.log"
-            if path.exists():
-                out.append(f"--- {name} ---\n{path.read_text(errors='replace')[-chars:]}")
-        return "\n".join(out)
 
 
 def run(

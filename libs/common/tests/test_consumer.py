@@ -55,15 +55,6 @@ class Effect(Base):
 
 # -- helpers ------------------------------------------------------------------------------------------------------
 @pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[Bus]:
-    b = Bus(nats_url, name=f"test-consumer-{uuid.uuid4().hex[:6]}")
-    await b.start()
-    assert b.is_connected
-    yield b
-    await b.close()
-
-
-@pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Database]:
     database = Database(database_url)
     async with database.engine.begin() as conn:

@@ -46,15 +46,6 @@ async def db(database_url: str) -> AsyncIterator[Database]:
     await database.dispose()
 
 
-@pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[Bus]:
-    b = Bus(nats_url, name=f"test-outbox-{uuid.uuid4().hex[:6]}")
-    await b.start()
-    assert b.is_connected
-    yield b
-    await b.close()
-
-
 def unique_subject(verb: str = "created") -> str:
     """A subject of the events stream that no other test uses (the session's NATS server is shared)."""
     return f"strata.datasets.test{uuid.uuid4().hex[:12]}.{verb}"

@@ -1,7 +1,7 @@
 """A pytest plugin (loaded with ``-p strata.common.testing``): real parts for tests.
 
 - ``nats_server``: a real ``nats-server`` with JetStream on a free port (one per session;
-  ``fresh_nats`` for one per test).
+  ``fresh_nats`` for one per test); ``bus``: a connected ``Bus`` on it.
 - ``postgres_url``: a new database on the local PostgreSQL server, dropped afterwards. Skipped with a reason when no
   server answers, but a failure under ``CI=true``. ``database_url`` runs a test on SQLite and on PostgreSQL.
 - ``s3_server``: a moto S3 server in its own process.
@@ -53,6 +53,18 @@ def fresh_nats(tmp_path: Path) -> Iterator[NatsServer]:
 @pytest.fixture
 def nats_url(nats_server: NatsServer) -> str:
     return nats_server.url
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[Any]:
+    """A connected :class:`strata.common.events.Bus` (streams declared) on the session's NATS server."""
+    from .events import Bus
+
+    connected = Bus(nats_url, name=f"test-{uuid.uuid4().hex[:8]}")
+    await connected.start()
+    assert connected.is_connected, "could not connect to the test NATS server"
+    yield connected
+    await connected.close()
 
 
 async def _pg_execute(sql: str) -> None:
