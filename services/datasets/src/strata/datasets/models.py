@@ -39,6 +39,8 @@ class Dataset(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)  # processing | ready | failed
     format: Mapped[str] = mapped_column(String(16))
     current_version: Mapped[int] = mapped_column(Integer, default=1)
+    #: The current version's column names, space-separated, so a search can match them.
+    column_names: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

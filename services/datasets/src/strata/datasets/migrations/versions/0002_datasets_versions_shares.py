@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-22 01:48:15.426954
+Create Date: 2026-11-22 01:49:30.246805
 """
 
 from collections.abc import Sequence
@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("format", sa.String(length=16), nullable=False),
         sa.Column("current_version", sa.Integer(), nullable=False),
+        sa.Column("column_names", sa.Text(), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
         sa.Column("deleted_at", UTCDateTime(), nullable=True),
