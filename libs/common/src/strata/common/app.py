@@ -321,7 +321,7 @@ def create_service_app(
     description: str = "",
     routers: Sequence[APIRouter] = (),
     readiness: Callable[[], Awaitable[dict[str, Any]]] | None = None,
-    on_started: Callable[[Runtime], Awaitable[None]] | None = None,
+    on_started: Callable[[Runtime], Awaitable[dict[str, Any] | None]] | None = None,
     on_stopping: Callable[[Runtime], Awaitable[None]] | None = None,
     openapi_url: str | None = "/openapi.json",
 ) -> FastAPI:
@@ -342,10 +342,10 @@ def create_service_app(
             instance_id=settings.instance_id,
         )
         await runtime.start()
-        if on_started is not None:
-            await on_started(runtime)
+        extra = (await on_started(runtime) if on_started is not None else None) or {}
         try:
-            yield {"runtime": runtime, "settings": settings}
+            # What on_started returns joins the state: routes find it on request.state.
+            yield {"runtime": runtime, "settings": settings, **extra}  # type: ignore[typeddict-item]
         finally:
             if on_stopping is not None:
                 await on_stopping(runtime)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from strata.common.settings import ServiceSettings
@@ -13,3 +14,21 @@ class Settings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="STRATA_DATASETS_", extra="ignore")
     service_name: ClassVar[str] = "datasets"
     port: int = 8002
+
+    #: Where datasets live: ``file:///abs/folder`` (default: <data dir>/storage) or ``s3://bucket/prefix``.
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024)
+    ingest_threads: int = Field(default=2, ge=1)
+    ingest_memory_limit: str = "1GB"
+    ingest_max_attempts: int = Field(default=3, ge=1)
+    preview_max_rows: int = Field(default=1000, ge=1)
+    #: Load the two demo datasets (support calls, taxi trips) for the first admin on first start.
+    demo_data: bool = True
+
+    def model_post_init(self, context: object, /) -> None:
+        super().model_post_init(context)
+        if not self.storage_url:
+            self.storage_url = (self.data_dir / "storage").as_uri()

@@ -1,0 +1,356 @@
+"""The datasets API as a user sees it: upload each format, watch it become ready, preview, filter, profile,
+download, version, share; bad input refused and nothing left behind; other users see only what is shared."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import io
+import json
+import time
+import uuid
+import zipfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import xlsxwriter
+
+from strata.common.contracts.auth import Role
+from strata.common.contracts.datasets import ResolveRequest, ResolveResponse
+from strata.common.testing import TokenFactory, app_client
+from strata.datasets.app import create_app
+from strata.datasets.config import Settings
+
+TOKENS = TokenFactory()
+OWNER = TOKENS.headers(user_id="11111111-1111-1111-1111-111111111111", role="analyst", ttl_s=3600)
+OTHER = TOKENS.headers(user_id="22222222-2222-2222-2222-222222222222", role="analyst", ttl_s=3600)
+VIEWER = TOKENS.headers(user_id="33333333-3333-3333-3333-333333333333", role="viewer", ttl_s=3600)
+OWNER_ID = "11111111-1111-1111-1111-111111111111"
+OTHER_ID = "22222222-2222-2222-2222-222222222222"
+
+
+def calls_csv(n: int = 500) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["agent", "region", "issue_type", "duration_s", "rating", "resolved", "started_at"])
+    for i in range(n):
+        writer.writerow(
+            [
+                f"agent{i % 7}",
+                ["eu", "us", "apac"][i % 3],
+                ["billing", "tech"][i % 2],
+                30 + i % 300,
+                i % 5 + 1,
+                "true" if i % 4 else "false",
+                f"2026-01-{1 + i % 28:02d} 10:{i % 60:02d}:00",
+            ]
+        )
+    return out.getvalue().encode()
+
+
+@dataclass
+class Ctx:
+    client: httpx.AsyncClient
+    settings: Settings
+    storage_objects: Any  # () -> set of keys in storage
+
+    async def upload(
+        self, filename: str, data: bytes, headers: dict[str, str] = OWNER, **fields: str
+    ) -> httpx.Response:
+        files = {"file": (filename, data, "application/octet-stream")}
+        return await self.client.post("/api/v1/datasets", data=fields, files=files, headers=headers)
+
+    async def wait(self, dataset_id: str, headers: dict[str, str] = OWNER, timeout_s: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            body: dict[str, Any] = (await self.client.get(f"/api/v1/datasets/{dataset_id}", headers=headers)).json()
+            if body.get("status") in ("ready", "failed"):
+                return body
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"dataset {dataset_id} still processing after {timeout_s}s")
+
+
+@pytest.fixture(params=["local", "s3"])
+async def ctx(request: pytest.FixtureRequest, tmp_path: Path, nats_url: str) -> AsyncIterator[Ctx]:
+    extra: dict[str, Any] = {}
+    if request.param == "s3":
+        endpoint: str = request.getfixturevalue("s3_server")
+        bucket = f"strata-{uuid.uuid4().hex[:10]}"
+        s3 = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+        )
+        s3.create_bucket(Bucket=bucket)
+        extra = {"storage_url": f"s3://{bucket}/strata", "s3_endpoint_url": endpoint, "s3_region": "us-east-1"}
+
+        def objects() -> set[str]:
+            listed = s3.list_objects_v2(Bucket=bucket, Prefix="strata/")
+            return {o["Key"].removeprefix("strata/") for o in listed.get("Contents", [])}
+    else:
+        root = tmp_path / "storage"
+
+        def objects() -> set[str]:
+            return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+    settings = Settings(data_dir=tmp_path, nats_url=nats_url, max_upload_bytes=2 * 1024 * 1024, **extra)
+    app = create_app(settings)
+    TOKENS.install(app)
+    import os
+
+    if request.param == "s3":
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    async with app_client(app, timeout=30) as client:
+        yield Ctx(client, settings, objects)
+
+
+async def test_csv_upload_to_ready_preview_profile_download(ctx: Ctx) -> None:
+    data = calls_csv()
+    resp = await ctx.upload("calls.csv", data, name="Support calls", description="Q1")
+    assert resp.status_code == 202, resp.text
+    created = resp.json()
+    assert created["status"] == "processing" and created["permission"] == "owner"
+    ready = await ctx.wait(created["id"])
+    assert ready["status"] == "ready", ready
+    assert ready["row_count"] == 500
+    assert [c["name"] for c in ready["columns"]][:3] == ["agent", "region", "issue_type"]
+    base = f"/api/v1/datasets/{created['id']}"
+
+    manifest = (await ctx.client.get(base + "/manifest", headers=OWNER)).json()
+    assert manifest["sha256"] == hashlib.sha256(data).hexdigest() and manifest["rows"] == 500
+    assert "@" not in manifest["storage_url"] and "secret" not in manifest["storage_url"].lower()  # no credentials
+
+    profile = (await ctx.client.get(base + "/profile", headers=OWNER)).json()
+    assert profile["rows"] == 500
+
+    preview = await ctx.client.get(
+        base + "/preview",
+        headers=OWNER,
+        params=[
+            ("filter", "region:eq:eu"),
+            ("filter", "rating:gte:4"),
+            ("sort", "-duration_s,agent"),
+            ("limit", "10"),
+            ("columns", "agent,region,rating,duration_s"),
+        ],
+    )
+    assert preview.status_code == 200, preview.text
+    body = preview.json()
+    assert [c["name"] for c in body["columns"]] == ["agent", "region", "rating", "duration_s"]
+    assert len(body["data"]) == 10
+    assert all(row[1] == "eu" and row[2] >= 4 for row in body["data"])
+    durations = [row[3] for row in body["data"]]
+    assert durations == sorted(durations, reverse=True)
+
+    options = (await ctx.client.get(base + "/options", headers=OWNER, params={"column": "region"})).json()
+    assert {o["value"]: o["count"] for o in options["data"]} == {"eu": 167, "us": 167, "apac": 166}
+
+    original = await ctx.client.get(base + "/download", headers=OWNER, params={"format": "original"})
+    assert original.content == data
+    parquet = await ctx.client.get(base + "/download", headers=OWNER, params={"format": "parquet"})
+    assert pq.read_table(io.BytesIO(parquet.content)).num_rows == 500
+    as_csv = await ctx.client.get(base + "/download", headers=OWNER, params={"format": "csv"})
+    assert as_csv.status_code == 200 and len(as_csv.text.strip().splitlines()) == 501
+    as_json = await ctx.client.get(base + "/download", headers=OWNER, params={"format": "json"})
+    assert len(json.loads(as_json.content)) == 500
+
+
+def xlsx_bytes() -> bytes:
+    buffer = io.BytesIO()
+    book = xlsxwriter.Workbook(buffer, {"in_memory": True})
+    sheet = book.add_worksheet("calls")
+    sheet.write_row(0, 0, ["agent", "rating"])
+    for i in range(1, 51):
+        sheet.write_row(i, 0, [f"a{i}", i % 5])
+    book.close()
+    return buffer.getvalue()
+
+
+def parquet_bytes() -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"x": list(range(100)), "y": [f"v{i}" for i in range(100)]}), sink)
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize(
+    "filename, data, rows",
+    [
+        ("calls.tsv", b"agent\trating\na\t1\nb\t2\n", 2),
+        ("calls.json", json.dumps([{"agent": "a", "rating": 1}, {"agent": "b", "rating": None}]).encode(), 2),
+        ("calls.ndjson", b'{"agent": "a", "rating": 1}\n{"agent": "b", "rating": 2}\n{"agent": "c"}\n', 3),
+        ("calls.parquet", parquet_bytes(), 100),
+        ("calls.xlsx", xlsx_bytes(), 50),
+        ("semicolons.csv", b"a;b\n1;x\n2;y\n", 2),
+    ],
+)
+async def test_every_format_becomes_ready(ctx: Ctx, filename: str, data: bytes, rows: int) -> None:
+    resp = await ctx.upload(filename, data)
+    assert resp.status_code == 202, resp.text
+    ready = await ctx.wait(resp.json()["id"])
+    assert ready["status"] == "ready", ready
+    assert ready["row_count"] == rows
+
+
+def zip_bomb() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("[Content_Types].xml", "<Types/>")
+        archive.writestr("xl/worksheets/sheet1.xml", b"0" * 50_000_000)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "filename, data, line, words",
+    [
+        ("ragged.csv", b"a,b,c\n1,2,3\n4,5\n6,7,8\n", 3, "fields"),
+        ("latin.csv", "name,city\nJosé,Zürich\n".encode("latin-1"), None, "encoding"),
+        ("cut.json", b'[{"a": 1}, {"a": 2}', None, "cut off"),
+        ("bomb.xlsx", zip_bomb(), None, "zip bomb"),
+    ],
+)
+async def test_bad_content_fails_with_a_reason(
+    ctx: Ctx, filename: str, data: bytes, line: int | None, words: str
+) -> None:
+    resp = await ctx.upload(filename, data)
+    assert resp.status_code == 202, resp.text
+    failed = await ctx.wait(resp.json()["id"])
+    assert failed["status"] == "failed"
+    assert words in failed["error"]["message"]
+    if line is not None:
+        assert failed["error"]["line"] == line
+    preview = await ctx.client.get(f"/api/v1/datasets/{failed['id']}/preview", headers=OWNER)
+    assert preview.status_code == 409 and preview.json()["error"]["code"] == "DATASET_NOT_READY"
+
+
+@pytest.mark.parametrize(
+    "filename, data, fields, status, code",
+    [
+        ("empty.csv", b"", {}, 400, "EMPTY_FILE"),
+        ("binary.csv", b"\x00\x01\x02\x03" * 100, {}, 415, "CONTENT_DOES_NOT_MATCH_FORMAT"),
+        ("../../etc/passwd.csv", b"a\n1\n", {}, 400, "INVALID_FILENAME"),
+        ("big.csv", b"a\n" + b"1\n" * 1_100_000, {}, 413, "FILE_TOO_LARGE"),
+        ("ok.csv", b"a\n1\n", {"name": "x" * 201}, 400, "BAD_REQUEST"),
+        ("ok.csv", b"a\n1\n", {"options": "{not json"}, 422, "VALIDATION_ERROR"),
+        ("ok.csv", b"a\n1\n", {"options": '{"evil": 1}'}, 422, "VALIDATION_ERROR"),
+        ("data.exe", b"MZ", {}, 415, "UNSUPPORTED_FORMAT"),
+    ],
+)
+async def test_bad_uploads_are_refused_and_leave_nothing(
+    ctx: Ctx, filename: str, data: bytes, fields: dict[str, str], status: int, code: str
+) -> None:
+    resp = await ctx.upload(filename, data, **fields)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["code"] == code
+    assert ctx.storage_objects() == set()
+    listed = (await ctx.client.get("/api/v1/datasets", headers=OWNER)).json()
+    assert listed["data"] == []
+
+
+async def test_filters_refuse_bad_columns_and_values_and_bind_sql(ctx: Ctx) -> None:
+    created = (await ctx.upload("calls.csv", calls_csv(60))).json()
+    await ctx.wait(created["id"])
+    base = f"/api/v1/datasets/{created['id']}/preview"
+    for params, code in [
+        ({"filter": "nope:eq:1"}, "UNKNOWN_COLUMN"),
+        ({"filter": "rating:gte:high"}, "INVALID_FILTER_VALUE"),
+        ({"sort": "nope"}, "UNKNOWN_COLUMN"),
+    ]:
+        resp = await ctx.client.get(base, headers=OWNER, params=params)
+        assert resp.status_code == 422 and resp.json()["error"]["code"] == code, resp.text
+    injected = await ctx.client.get(base, headers=OWNER, params={"filter": "agent:eq:'; DROP TABLE x; --"})
+    assert injected.status_code == 200 and injected.json()["data"] == []
+    assert (await ctx.client.get(base, headers=OWNER)).status_code == 200
+
+
+async def test_other_users_see_only_what_is_shared(ctx: Ctx) -> None:
+    created = (await ctx.upload("calls.csv", calls_csv(30), name="private calls")).json()
+    await ctx.wait(created["id"])
+    base = f"/api/v1/datasets/{created['id']}"
+    for method, path in [
+        ("GET", ""),
+        ("GET", "/preview"),
+        ("GET", "/download"),
+        ("GET", "/profile"),
+        ("DELETE", ""),
+        ("PATCH", ""),
+        ("GET", "/shares"),
+    ]:
+        resp = await ctx.client.request(
+            method, base + path, headers=OTHER, json={"name": "x"} if method == "PATCH" else None
+        )
+        assert resp.status_code == 404, (method, path, resp.text)
+        assert resp.json()["error"]["code"] == "DATASET_NOT_FOUND"
+    assert (await ctx.client.get("/api/v1/datasets", headers=OTHER)).json()["data"] == []
+
+    share = await ctx.client.post(base + "/shares", headers=OWNER, json={"user_id": OTHER_ID, "permission": "read"})
+    assert share.status_code == 201, share.text
+    listed = (await ctx.client.get("/api/v1/datasets", headers=OTHER)).json()["data"]
+    assert [d["id"] for d in listed] == [created["id"]] and listed[0]["permission"] == "read"
+    assert (await ctx.client.get(base + "/preview", headers=OTHER)).status_code == 200
+    assert (await ctx.client.delete(base, headers=OTHER)).status_code == 403
+    assert (await ctx.client.patch(base, headers=OTHER, json={"name": "mine now"})).status_code == 403
+    # A share to a role reaches everyone with that role (or a stronger one); viewers stay out of analyst shares.
+    await ctx.client.post(base + "/shares", headers=OWNER, json={"role": "analyst", "permission": "write"})
+    assert (await ctx.client.get(base, headers=VIEWER)).status_code == 404
+    assert (await ctx.client.patch(base, headers=OTHER, json={"tags": ["shared"]})).status_code == 200
+    bad = await ctx.client.post(base + "/shares", headers=OWNER, json={"user_id": OTHER_ID, "role": "viewer"})
+    assert bad.status_code == 422
+
+
+async def test_versions_and_delete(ctx: Ctx) -> None:
+    created = (await ctx.upload("calls.csv", calls_csv(10))).json()
+    await ctx.wait(created["id"])
+    base = f"/api/v1/datasets/{created['id']}"
+    v2 = await ctx.client.post(
+        base + "/versions", headers=OWNER, files={"file": ("calls.csv", calls_csv(20), "text/csv")}
+    )
+    assert v2.status_code == 202 and v2.json()["version"] == 2
+    deadline = time.monotonic() + 30
+    while (await ctx.client.get(base, headers=OWNER)).json()["version"] != 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert (await ctx.client.get(base, headers=OWNER)).json()["row_count"] == 20
+    old = await ctx.client.get(base + "/preview", headers=OWNER, params={"version": 1, "limit": 100})
+    assert len(old.json()["data"]) == 10
+    versions = (await ctx.client.get(base + "/versions", headers=OWNER)).json()["data"]
+    assert [v["version"] for v in versions] == [2, 1]
+    assert any(k.startswith(f"datasets/{created['id']}/") for k in ctx.storage_objects())
+
+    assert (await ctx.client.delete(base, headers=OWNER)).status_code == 204
+    assert (await ctx.client.get(base, headers=OWNER)).status_code == 404
+    deadline = time.monotonic() + 20
+    while any(k.startswith(f"datasets/{created['id']}/") for k in ctx.storage_objects()):
+        assert time.monotonic() < deadline, ctx.storage_objects()
+        await asyncio.sleep(0.1)
+
+
+async def test_resolve_over_nats(ctx: Ctx, bus: Any) -> None:
+    from strata.common.rpc import RpcClient
+
+    created = (await ctx.upload("calls.csv", calls_csv(10), name="calls")).json()
+    await ctx.wait(created["id"])
+    client = RpcClient(bus)
+    mine = await client.call(
+        "datasets",
+        "resolve",
+        ResolveRequest(user_id=OWNER_ID, role=Role.analyst, refs=["calls", created["id"], "nope"]),
+        ResolveResponse,
+        timeout_s=5,
+    )
+    assert [t.dataset_id for t in mine.tables] == [created["id"], created["id"]] and mine.missing == ["nope"]
+    assert mine.tables[0].rows == 10 and mine.tables[0].columns
+    theirs = await client.call(
+        "datasets",
+        "resolve",
+        ResolveRequest(user_id=OTHER_ID, role=Role.analyst, refs=[created["id"], f"{OWNER_ID}.calls"]),
+        ResolveResponse,
+        timeout_s=5,
+    )
+    assert theirs.tables == [] and len(theirs.missing) == 2
