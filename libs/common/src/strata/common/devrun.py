@@ -68,6 +68,7 @@ class Supervisor:
         ports["gateway"] = self.gateway_port
         env = dict(os.environ)
         env.setdefault("STRATA_LOG_FORMAT", "text")
+        env.setdefault("STRATA_DATASETS_DEMO_DATA", "true")
         env.update({"STRATA_DATA_DIR": str(self.data_dir), "STRATA_NATS_URL": nats_url, "PYTHONUNBUFFERED": "1"})
         for name, port in ports.items():
             env[f"STRATA_{name.upper()}_PORT"] = str(port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from strata.common.storage import Storage
 from . import engine, service
 from .api import Services, router
 from .config import Settings
+from .demo import load_demo_data
 from .ingest import Ingestor, consumer_spec
 from .models import Outbox, ProcessedEvent
 
@@ -93,9 +95,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         duck = engine.connect(threads=settings.ingest_threads, memory_limit=settings.ingest_memory_limit)
         storage.register_with_duckdb(duck)
         held["duck"] = duck
+        if settings.demo_data:
+            held["demo"] = asyncio.create_task(_demo(), name="demo-data")
         return {"datasets": Services(storage=storage, settings=settings, duck=duck)}
 
+    async def _demo() -> None:
+        try:
+            await load_demo_data(runtime=runtime, storage=storage, workdir=settings.service_dir / "demo")
+        except Exception:  # the service works without its demo data; say why it is missing
+            log.exception("loading the demo datasets failed")
+
     async def on_stopping(_: Runtime) -> None:
+        if "demo" in held:
+            held.pop("demo").cancel()
         if "duck" in held:
             held.pop("duck").close()
         await storage.close()

@@ -25,8 +25,8 @@ class Settings(ServiceSettings):
     ingest_memory_limit: str = "1GB"
     ingest_max_attempts: int = Field(default=3, ge=1)
     preview_max_rows: int = Field(default=1000, ge=1)
-    #: Load the two demo datasets (support calls, taxi trips) for the first admin on first start.
-    demo_data: bool = True
+    #: Load the two demo datasets (support calls, taxi trips) on first start (``make run`` turns it on).
+    demo_data: bool = False
 
     def model_post_init(self, context: object, /) -> None:
         super().model_post_init(context)

@@ -363,11 +363,13 @@ async def permissions_for(session: AsyncSession, datasets: list[Dataset], identi
     for d in datasets:
         if d.owner_id == identity.user_id:
             out[d.id] = "owner"
+        elif identity.role == Role.admin:  # as in permission_on: an admin's rights do not come from shares
+            out[d.id] = "admin"
         elif "write" in grants.get(d.id, ()):
             out[d.id] = "write"
         elif "read" in grants.get(d.id, ()):
             out[d.id] = "read"
-        else:
+        else:  # listed with all=true by an admin, or shared through a role: never reached otherwise
             out[d.id] = "admin"
     return out
 
@@ -510,4 +512,15 @@ async def resolve_ref(session: AsyncSession, identity: Identity, ref: str) -> Da
     for dataset in (await session.scalars(candidates.order_by(Dataset.updated_at.desc()))).all():
         if await permission_on(session, dataset, identity) is not None:
             return dataset
-    return None
+    if "." in ref:
+        return None
+    # No dataset of their own by that name: one shared with them by that name, if there is exactly one.
+    shared = select(DatasetShare.dataset_id).where(_shared_with(identity))
+    found = (
+        await session.scalars(
+            select(Dataset)
+            .where(Dataset.name == ref, Dataset.id.in_(shared), Dataset.deleted_at.is_(None), Dataset.status == "ready")
+            .limit(2)
+        )
+    ).all()
+    return found[0] if len(found) == 1 else None
