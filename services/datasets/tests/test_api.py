@@ -354,3 +354,50 @@ async def test_resolve_over_nats(ctx: Ctx, bus: Any) -> None:
         timeout_s=5,
     )
     assert theirs.tables == [] and len(theirs.missing) == 2
+
+
+async def test_presigned_upload_straight_to_storage(ctx: Ctx) -> None:
+    data = calls_csv(50)
+    begin = await ctx.client.post(
+        "/api/v1/datasets/uploads", headers=OWNER, json={"filename": "big.csv", "size": len(data), "name": "direct"}
+    )
+    if not ctx.settings.storage_url.startswith("s3://"):
+        assert begin.status_code == 409 and begin.json()["error"]["code"] == "PRESIGNED_UNSUPPORTED"
+        assert (await ctx.client.get("/api/v1/datasets", headers=OWNER)).json()["data"] == []
+        return
+    assert begin.status_code == 201, begin.text
+    started = begin.json()
+    complete = started["complete_url"]
+    early = await ctx.client.post(complete, headers=OWNER)
+    assert early.status_code == 409 and early.json()["error"]["code"] == "UPLOAD_NOT_RECEIVED"
+    async with httpx.AsyncClient() as s3:
+        assert (await s3.put(started["url"], content=data)).status_code == 200
+    assert (await ctx.client.post(complete, headers=OTHER)).status_code == 404  # not theirs
+    done = await ctx.client.post(complete, headers=OWNER)
+    assert done.status_code == 202 and done.json()["status"] == "processing"
+    ready = await ctx.wait(started["dataset_id"])
+    assert ready["status"] == "ready" and ready["row_count"] == 50
+    manifest = (await ctx.client.get(f"/api/v1/datasets/{started['dataset_id']}/manifest", headers=OWNER)).json()
+    assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (await ctx.client.post(complete, headers=OWNER)).status_code == 404  # completed once
+
+
+async def test_presigned_upload_bad_input(ctx: Ctx) -> None:
+    too_big = await ctx.client.post(
+        "/api/v1/datasets/uploads", headers=OWNER, json={"filename": "x.csv", "size": 10**12}
+    )
+    assert too_big.status_code == 413
+    for body in ({"filename": "../x.csv", "size": 10}, {"filename": "x.exe", "size": 10}, {"filename": "x.csv"}):
+        resp = await ctx.client.post("/api/v1/datasets/uploads", headers=OWNER, json=body)
+        assert resp.status_code in (400, 415, 422), (body, resp.text)
+    if not ctx.settings.storage_url.startswith("s3://"):
+        return
+    started = (
+        await ctx.client.post("/api/v1/datasets/uploads", headers=OWNER, json={"filename": "small.csv", "size": 10})
+    ).json()
+    async with httpx.AsyncClient() as s3:
+        await s3.put(started["url"], content=calls_csv(50))  # larger than declared: a presigned PUT cannot stop it
+    resp = await ctx.client.post(started["complete_url"], headers=OWNER)
+    assert resp.status_code == 413
+    assert ctx.storage_objects() == set()
+    assert (await ctx.client.get(f"/api/v1/datasets/{started['dataset_id']}", headers=OWNER)).status_code == 404

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +19,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from strata.common.contracts.auth import Identity
+from strata.common.db import utcnow
 from strata.common.deps import CurrentUser, RuntimeDep, SessionDep
 from strata.common.errors import BadRequest, StrataError, Unprocessable
 from strata.common.storage import Storage
@@ -29,11 +33,15 @@ from .schemas import (
     DatasetPatch,
     Manifest,
     Page,
+    PresignedUploadIn,
+    PresignedUploadOut,
     ShareIn,
     ShareOut,
     VersionOut,
 )
-from .upload import receive, valid_name
+from .upload import SNIFF_BYTES, EmptyFile, FileTooLarge, clean_filename, format_of, receive, sniff, valid_name
+
+PRESIGNED_EXPIRES_S = 3600
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
@@ -150,12 +158,93 @@ async def upload(request: Request, identity: CurrentUser, runtime: RuntimeDep, s
         raise
 
 
+@router.post(
+    "/uploads",
+    status_code=status.HTTP_201_CREATED,
+    summary="Start an upload straight to S3: PUT the file to the URL, then complete it",
+)
+async def begin_upload(
+    spec: PresignedUploadIn, identity: CurrentUser, runtime: RuntimeDep, services: ServicesDep
+) -> PresignedUploadOut:
+    if spec.size > services.settings.max_upload_bytes:
+        raise FileTooLarge(f"The file is larger than the limit of {services.settings.max_upload_bytes} bytes.")
+    filename = clean_filename(spec.filename)
+    fmt = format_of(filename, spec.format)
+    options = service.parse_options(json.dumps(spec.options)) if spec.options else {}
+    dataset_id = str(uuid.uuid4())
+    expires = PRESIGNED_EXPIRES_S
+    url = await services.storage.presigned_put_url(service.original_key(dataset_id, 1, fmt), expires)
+    assert runtime.db is not None
+    async with runtime.db.session() as session:
+        await service.begin_presigned(
+            session=session,
+            owner=identity,
+            dataset_id=dataset_id,
+            filename=filename,
+            fmt=fmt,
+            name=valid_name(spec.name or Path(filename).stem),
+            description=spec.description,
+            options=options,
+            size=spec.size,
+        )
+    return PresignedUploadOut(
+        dataset_id=dataset_id,
+        url=url,
+        expires_at=utcnow() + timedelta(seconds=expires),
+        complete_url=f"/api/v1/datasets/uploads/{dataset_id}/complete",
+    )
+
+
+@router.post(
+    "/uploads/{dataset_id}/complete",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="The file is in place: check it and start ingestion",
+)
+async def complete_upload(
+    dataset_id: str, identity: CurrentUser, runtime: RuntimeDep, services: ServicesDep
+) -> DatasetOut:
+    assert runtime.db is not None
+    async with runtime.db.session() as session:
+        dataset, _ = await service.load(session, dataset_id, identity, "owner")
+        if dataset.status != "uploading":
+            raise service.UploadNotFound()
+        row = await service.current(session, dataset)
+        key, fmt, declared = row.original_key, row.format, row.original_bytes
+    if not await services.storage.exists(key):
+        raise service.UploadMissing()
+    size = await services.storage.size(key)
+    try:
+        # A presigned PUT cannot cap its size: check what arrived, and its first bytes, before ingesting it.
+        if size > services.settings.max_upload_bytes or size > declared:
+            raise FileTooLarge(f"The file ({size} bytes) is larger than declared or allowed.")
+        if size == 0:
+            raise EmptyFile()
+        digest, head = hashlib.sha256(), bytearray()
+        async for chunk in services.storage.read_chunks(key):
+            if len(head) < SNIFF_BYTES:
+                head.extend(chunk[: SNIFF_BYTES - len(head)])
+            digest.update(chunk)
+        sniff(fmt, bytes(head))
+    except StrataError:
+        await services.storage.delete(key)
+        async with runtime.db.session() as session:
+            dataset, _ = await service.load(session, dataset_id, identity, "owner")
+            dataset.deleted_at = utcnow()
+        raise
+    async with runtime.db.session() as session:
+        dataset, _ = await service.load(session, dataset_id, identity, "owner")
+        row = await service.complete_presigned(
+            session=session, stage=runtime.stage, dataset=dataset, size=size, sha256=digest.hexdigest()
+        )
+        return out(dataset, row, "owner")
+
+
 @router.get("", summary="Your datasets and those shared with you")
 async def list_datasets(
     identity: CurrentUser,
     session: SessionDep,
     q: Annotated[str | None, Query(max_length=200, description="Search name, description and column names")] = None,
-    status_: Annotated[Literal["processing", "ready", "failed"] | None, Query(alias="status")] = None,
+    status_: Annotated[Literal["uploading", "processing", "ready", "failed"] | None, Query(alias="status")] = None,
     format_: Annotated[Literal["csv", "tsv", "json", "ndjson", "xlsx", "parquet"] | None, Query(alias="format")] = None,
     owner_id: Annotated[str | None, Query(max_length=36)] = None,
     sort: Annotated[str, Query(description="created_at, updated_at or name; '-' for descending")] = "-created_at",

@@ -37,7 +37,7 @@ class DatasetOut(BaseModel):
     description: str
     tags: list[str]
     owner_id: str
-    status: Literal["processing", "ready", "failed"]
+    status: Literal["uploading", "processing", "ready", "failed"]
     format: str
     version: int
     row_count: int | None
@@ -80,6 +80,23 @@ class Manifest(BaseModel):
     storage_url: str | None
     created_at: datetime
     updated_at: datetime
+
+
+class PresignedUploadIn(Strict):
+    filename: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    size: int = Field(gt=0, description="The file's size in bytes; the upload may not be larger")
+    name: Name | None = None
+    description: Annotated[str, StringConstraints(max_length=2000)] = ""
+    format: Literal["csv", "tsv", "json", "ndjson", "xlsx", "parquet"] | None = None
+    options: dict[str, Any] | None = None
+
+
+class PresignedUploadOut(BaseModel):
+    dataset_id: str
+    method: Literal["PUT"] = "PUT"
+    url: str
+    expires_at: datetime
+    complete_url: str
 
 
 class ShareIn(Strict):

@@ -524,3 +524,69 @@ async def resolve_ref(session: AsyncSession, identity: Identity, ref: str) -> Da
         )
     ).all()
     return found[0] if len(found) == 1 else None
+
+
+# -- uploads straight to S3 ------------------------------------------------------------------------------------------
+class UploadNotFound(NotFound):
+    code, default_message = "UPLOAD_NOT_FOUND", "No upload waiting to be completed here."
+
+
+class UploadMissing(Conflict):
+    code, default_message = "UPLOAD_NOT_RECEIVED", "The file has not arrived: PUT it to the presigned URL first."
+
+
+async def begin_presigned(
+    *,
+    session: AsyncSession,
+    owner: Identity,
+    dataset_id: str,
+    filename: str,
+    fmt: str,
+    name: str,
+    description: str,
+    options: dict[str, Any],
+    size: int,
+) -> Dataset:
+    """A dataset in status ``uploading`` whose file the client PUTs straight to storage, then completes."""
+    now = utcnow()
+    dataset = Dataset(
+        id=dataset_id,
+        owner_id=owner.user_id,
+        name=name,
+        description=description,
+        tags=[],
+        status="uploading",
+        format=fmt,
+        current_version=1,
+        created_at=now,
+        updated_at=now,
+        column_names="",
+    )
+    row = DatasetVersion(
+        dataset_id=dataset_id,
+        version=1,
+        status="uploading",
+        format=fmt,
+        options=options,
+        original_filename=filename,
+        original_key=original_key(dataset_id, 1, fmt),
+        original_bytes=size,
+        sha256="",
+        created_by=owner.user_id,
+        created_at=now,
+        attempts=0,
+    )
+    session.add_all([dataset, row])
+    await session.flush()
+    return dataset
+
+
+async def complete_presigned(
+    *, session: AsyncSession, stage: Stage, dataset: Dataset, size: int, sha256: str
+) -> DatasetVersion:
+    row = await current(session, dataset)
+    row.status, row.original_bytes, row.sha256 = "processing", size, sha256
+    dataset.status, dataset.updated_at = "processing", utcnow()
+    await session.flush()
+    _ingest_events(stage, session, dataset, row)
+    return row
