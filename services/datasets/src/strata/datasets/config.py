@@ -24,6 +24,8 @@ class Settings(ServiceSettings):
     ingest_threads: int = Field(default=2, ge=1)
     ingest_memory_limit: str = "1GB"
     ingest_max_attempts: int = Field(default=3, ge=1)
+    #: How long a taken work item may go without a heartbeat before another replica gets it (a dead worker's).
+    ingest_ack_wait_s: float = Field(default=60.0, gt=0)
     preview_max_rows: int = Field(default=1000, ge=1)
     #: Load the two demo datasets (support calls, taxi trips) on first start (``make run`` turns it on).
     demo_data: bool = False

@@ -41,7 +41,7 @@ def consumer_spec(settings: Settings) -> ConsumerSpec:
         stream=WORK_STREAM,
         max_deliver=settings.ingest_max_attempts,
         backoff_s=(5.0, 30.0),
-        ack_wait_s=60.0,
+        ack_wait_s=settings.ingest_ack_wait_s,
         batch=1,
         description="Uploads to convert to Parquet and profile",
     )
