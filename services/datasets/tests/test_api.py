@@ -401,3 +401,32 @@ async def test_presigned_upload_bad_input(ctx: Ctx) -> None:
     assert resp.status_code == 413
     assert ctx.storage_objects() == set()
     assert (await ctx.client.get(f"/api/v1/datasets/{started['dataset_id']}", headers=OWNER)).status_code == 404
+
+
+async def test_an_upload_cut_off_mid_stream_leaves_nothing(tmp_path: Path, nats_url: str) -> None:
+    from strata.common.testing import serve_app
+
+    settings = Settings(data_dir=tmp_path, nats_url=nats_url)
+    app = create_app(settings)
+    TOKENS.install(app)
+    boundary = "cutoffboundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="calls.csv"\r\n\r\n').encode()
+    body = head + calls_csv(20000)  # never finished: no closing boundary
+    async with serve_app(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        _reader, writer = await asyncio.open_connection(host, int(port))
+        request = (
+            f"POST /api/v1/datasets HTTP/1.1\r\nHost: {host}\r\nAuthorization: {OWNER['Authorization']}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body) + 1000}\r\n\r\n"
+        ).encode()
+        writer.write(request + body[: len(body) // 2])
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.close()  # the client goes away mid-upload
+        await writer.wait_closed()
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(base_url=base) as client:
+            listed = await client.get("/api/v1/datasets", headers=OWNER)
+    assert listed.json()["data"] == []
+    storage = tmp_path / "storage"
+    assert not storage.exists() or [p for p in storage.rglob("*") if p.is_file()] == []
