@@ -1,4 +1,4 @@
-"""Strata benchmarks: ``python -m bench [gateway|auth|events]``. Not part of ``make test``; see bench/README.md.
+"""Strata benchmarks: ``python -m bench [gateway|auth|events|datasets]``; not in ``make test`` (bench/README.md).
 
 Each benchmark starts its own ``nats-server`` and services on free loopback ports in a temporary data folder, measures,
 prints a table with ratios against a baseline measured in the same run, and stops everything it started.

@@ -1,4 +1,4 @@
-"""``python -m bench [gateway|auth|events|all]``: run the benchmarks and print their tables (see bench/README.md)."""
+"""``python -m bench [gateway|auth|events|datasets|all]``: run the benchmarks, print their tables (bench/README.md)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from . import machine
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", nargs="?", default="all", choices=("all", "gateway", "auth", "events"))
+    parser.add_argument("which", nargs="?", default="all", choices=("all", "gateway", "auth", "events", "datasets"))
     parser.add_argument("--quick", action="store_true", help="short runs, to check that the benchmarks work")
     parser.add_argument(
         "--client",
@@ -68,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
             kwargs.update(messages=2000, latency_events=200, batch_events=2000)
         results["events"] = event_bus.run(**kwargs)
         print(f"(event bus benchmark took {time.monotonic() - started:.0f}s)", flush=True)
+    if args.which in ("all", "datasets"):
+        from . import datasets
+
+        started = time.monotonic()
+        print("\n== datasets: ingestion and preview ==", flush=True)
+        kwargs = {}
+        if args.quick:
+            kwargs.update(csv_rows=1_000_000, preview_calls=100, warmup_calls=10)
+        results["datasets"] = datasets.run(**kwargs)
+        print(f"(datasets benchmark took {time.monotonic() - started:.0f}s)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"\nfigures written to {args.json}")

@@ -1021,3 +1021,23 @@ def test_preview_statements(cur: duckdb.DuckDBPyConnection, calls_path: str) -> 
 def test_errors_are_strata_errors() -> None:
     for cls in (UnknownColumn, InvalidFilter, InvalidFilterValue, InvalidParameter):
         assert issubclass(cls, StrataError) and cls.status == 422
+
+
+def test_reads_through_a_registered_fsspec_filesystem(calls_path: str, calls: list[dict[str, Any]]) -> None:
+    # how the service reads s3:// (DuckDB 2.0 has no httpfs here): the same code over fsspec's memory filesystem
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    key = f"/engine-test-{uuid.uuid4().hex}/calls.parquet"
+    memory.pipe(key, Path(calls_path).read_bytes())
+    connection = engine.connect(threads=1, memory_limit="256MB")
+    try:
+        connection.register_filesystem(memory)
+        cursor = connection.cursor()
+        path = f"memory://{key}"
+        assert [c.name for c in engine.schema(cursor, path)] == [f.name for f in CALLS_SCHEMA]
+        got = page_through(cursor, path, [parse_filter("channel:eq:email")], [("rating", True)], limit=400)
+        assert got == sorted_rows([r for r in calls if r["channel"] == "email"], [("rating", True)])
+        assert engine.profile(cursor, path)["bytes"] == os.path.getsize(calls_path)
+    finally:
+        connection.close()
+        memory.rm(key)

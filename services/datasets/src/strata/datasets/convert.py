@@ -114,9 +114,11 @@ def _csv_failure(exc: duckdb.Error, src: Path, delimiter: str, encoding: str, he
     return IngestFailed("The file could not be read as CSV: " + text.split("\n")[0])
 
 
-def convert(fmt: str, src: Path, out: Path, options: dict[str, Any], *, threads: int = 2) -> None:
+def convert(
+    fmt: str, src: Path, out: Path, options: dict[str, Any], *, threads: int = 2, memory_limit: str = "256MB"
+) -> None:
     """Write ``src`` (an upload of format ``fmt``) as typed Parquet to ``out``."""
-    con = connect(threads=threads)
+    con = connect(threads=threads, memory_limit=memory_limit)
     try:
         if fmt in ("csv", "tsv"):
             encoding = str(options.get("encoding", "utf-8")).lower()

@@ -206,6 +206,9 @@ def connect(*, threads: int = 2, memory_limit: str = "1GB") -> duckdb.DuckDBPyCo
     # Settings of built-in extensions (icu, parquet) are refused in ``config=`` by DuckDB 2.0; set them afterwards.
     con.execute("SET GLOBAL TimeZone = 'UTC'")
     con.execute("SET GLOBAL parquet_metadata_cache = true")
+    # Late materialisation (read only the filter and sort columns first) stops above 50 rows by default; a page
+    # asks for limit + 1, so without this every 50-row page decompresses every column of every matching row.
+    con.execute("SET GLOBAL late_materialization_max_rows = 1001")
     return con
 
 
@@ -272,6 +275,7 @@ def _lookup(columns: Mapping[str, Column], name: str) -> Column:
     names = list(columns)
     close = [n for n in names if n.lower() == name.lower()]
     close += [n for n in difflib.get_close_matches(name, names, n=3, cutoff=0.6) if n not in close]
+    close = close[:3]
     if close:
         hint = " Did you mean " + ", ".join(repr(n) for n in close) + "?"
     else:
@@ -279,7 +283,7 @@ def _lookup(columns: Mapping[str, Column], name: str) -> Column:
         hint = " Columns: " + ", ".join(repr(n) for n in shown) + (", ..." if len(names) > len(shown) else "") + "."
     raise UnknownColumn(
         f"Unknown column {name!r}.{hint}",
-        details=[{"column": name, "suggestions": close[:3]}],
+        details=[{"column": name, "suggestions": close}],
     )
 
 

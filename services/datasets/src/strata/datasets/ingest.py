@@ -93,7 +93,15 @@ class Ingestor:
             src = self.storage.local_path(original) or await self._download(original, workdir / f"original.{fmt}")
             out = workdir / "data.parquet"
             try:
-                await asyncio.to_thread(convert, fmt, src, out, options, threads=self.settings.ingest_threads)
+                await asyncio.to_thread(
+                    convert,
+                    fmt,
+                    src,
+                    out,
+                    options,
+                    threads=self.settings.ingest_threads,
+                    memory_limit=self.settings.ingest_memory_limit,
+                )
                 await self._progress(dataset_id, owner, version, "profiling", 0.6)
                 columns, profile = await asyncio.to_thread(self._describe, out)
             except IngestFailed as exc:
