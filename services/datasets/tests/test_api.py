@@ -430,3 +430,29 @@ async def test_an_upload_cut_off_mid_stream_leaves_nothing(tmp_path: Path, nats_
     assert listed.json()["data"] == []
     storage = tmp_path / "storage"
     assert not storage.exists() or [p for p in storage.rglob("*") if p.is_file()] == []
+
+
+async def test_ingestion_publishes_progress_and_state_events(ctx: Ctx, bus: Any) -> None:
+    from strata.common.events import CloudEvent
+    from strata.common.testing import stream_messages
+
+    data = calls_csv(100)
+    created = (await ctx.upload("calls.csv", data)).json()
+    await ctx.wait(created["id"])
+
+    async def events(subject: str) -> list[CloudEvent]:
+        msgs = await stream_messages(bus.js, subject)
+        found = [CloudEvent.model_validate_json(m.data) for m in msgs]
+        return [e for e in found if e.data.get("dataset_id") == created["id"]]
+
+    progress = await events("strata.datasets.dataset.progress")
+    assert [e.data["stage"] for e in progress] == ["reading", "profiling", "storing", "ready"]
+    assert all(e.data["bytes"] == len(data) for e in progress)
+    assert progress[-1].data["rows"] == 100
+    deadline = time.monotonic() + 10
+    while not await events("strata.datasets.dataset.ready"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert len(await events("strata.datasets.dataset.uploaded")) == 1
+    ready = (await events("strata.datasets.dataset.ready"))[0]
+    assert ready.data["rows"] == 100 and ready.subject == created["id"]

@@ -116,8 +116,8 @@ def _csv_failure(exc: duckdb.Error, src: Path, delimiter: str, encoding: str, he
 
 def convert(
     fmt: str, src: Path, out: Path, options: dict[str, Any], *, threads: int = 2, memory_limit: str = "256MB"
-) -> None:
-    """Write ``src`` (an upload of format ``fmt``) as typed Parquet to ``out``."""
+) -> int:
+    """Write ``src`` (an upload of format ``fmt``) as typed Parquet to ``out``; returns its number of rows."""
     con = connect(threads=threads, memory_limit=memory_limit)
     try:
         if fmt in ("csv", "tsv"):
@@ -168,6 +168,7 @@ def convert(
         rows = con.execute("SELECT count(*) FROM read_parquet($p)", {"p": str(out)}).fetchone()
         if rows is None or rows[0] == 0:
             raise IngestFailed("The file has no rows.")
+        return int(rows[0])
     finally:
         con.close()
 

@@ -86,14 +86,15 @@ class Ingestor:
                 return
             row.attempts += 1
             fmt, options, original, owner = row.format, dict(row.options or {}), row.original_key, dataset.owner_id
+            size = row.original_bytes
         workdir = self.settings.service_dir / "ingest" / f"{dataset_id}-v{version}-{uuid.uuid4().hex[:8]}"
         workdir.mkdir(parents=True, exist_ok=True)
         try:
-            await self._progress(dataset_id, owner, version, "reading", 0.0)
+            await self._progress(dataset_id, owner, version, "reading", 0.0, size=size)
             src = self.storage.local_path(original) or await self._download(original, workdir / f"original.{fmt}")
             out = workdir / "data.parquet"
             try:
-                await asyncio.to_thread(
+                rows = await asyncio.to_thread(
                     convert,
                     fmt,
                     src,
@@ -102,16 +103,16 @@ class Ingestor:
                     threads=self.settings.ingest_threads,
                     memory_limit=self.settings.ingest_memory_limit,
                 )
-                await self._progress(dataset_id, owner, version, "profiling", 0.6)
+                await self._progress(dataset_id, owner, version, "profiling", 0.6, size=size, rows=rows)
                 columns, profile = await asyncio.to_thread(self._describe, out)
             except IngestFailed as exc:
                 await self._fail(dataset_id, version, exc)
                 return
-            await self._progress(dataset_id, owner, version, "storing", 0.8)
+            await self._progress(dataset_id, owner, version, "storing", 0.8, size=size, rows=rows)
             key = data_key(dataset_id, version)
             await self._upload(out, key)
             await self._ready(dataset_id, version, key, out.stat().st_size, columns, profile)
-            await self._progress(dataset_id, owner, version, "ready", 1.0)
+            await self._progress(dataset_id, owner, version, "ready", 1.0, size=size, rows=rows)
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
 
@@ -206,12 +207,28 @@ class Ingestor:
             )
         log.info("dataset %s v%d failed: %s", dataset_id, version, exc.message)
 
-    async def _progress(self, dataset_id: str, owner_id: str, version: int, stage: str, fraction: float) -> None:
+    async def _progress(
+        self,
+        dataset_id: str,
+        owner_id: str,
+        version: int,
+        stage: str,
+        fraction: float,
+        *,
+        size: int | None = None,
+        rows: int | None = None,
+    ) -> None:
         """Progress goes straight to the bus (it may be coalesced, and is not worth an outbox row)."""
         if not self.runtime.bus.is_connected:
             return
         payload = IngestProgress(
-            dataset_id=dataset_id, owner_id=owner_id, version=version, stage=stage, fraction=fraction
+            dataset_id=dataset_id,
+            owner_id=owner_id,
+            version=version,
+            stage=stage,
+            fraction=fraction,
+            bytes=size,
+            rows=rows,
         )
         try:
             await self.runtime.bus.publish_event(CloudEvent.of(payload, source=SOURCE, subject=dataset_id), timeout_s=2)

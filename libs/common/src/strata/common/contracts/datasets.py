@@ -61,8 +61,10 @@ class IngestProgress(EventPayload):
     dataset_id: str
     owner_id: str
     version: int
-    stage: str
+    stage: str  # reading, profiling, storing, ready
     fraction: float | None = None
+    bytes: int | None = None  # of the upload being read
+    rows: int | None = None  # converted so far (known once conversion ends)
 
 
 class IngestRequested(EventPayload):
