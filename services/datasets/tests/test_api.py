@@ -68,6 +68,19 @@ class Ctx:
         files = {"file": (filename, data, "application/octet-stream")}
         return await self.client.post("/api/v1/datasets", data=fields, files=files, headers=headers)
 
+    async def profile(self, dataset_id: str, timeout_s: float = 30) -> dict[str, Any]:
+        """The profile, which follows ``ready`` (409 PROFILE_NOT_READY with Retry-After until then)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            resp = await self.client.get(f"/api/v1/datasets/{dataset_id}/profile", headers=OWNER)
+            if resp.status_code == 200:
+                body: dict[str, Any] = resp.json()
+                return body
+            assert resp.status_code == 409 and resp.json()["error"]["code"] == "PROFILE_NOT_READY", resp.text
+            assert resp.headers["retry-after"] == "2"
+            assert time.monotonic() < deadline, "no profile"
+            await asyncio.sleep(0.1)
+
     async def wait(self, dataset_id: str, headers: dict[str, str] = OWNER, timeout_s: float = 30) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -127,7 +140,7 @@ async def test_csv_upload_to_ready_preview_profile_download(ctx: Ctx) -> None:
     assert manifest["sha256"] == hashlib.sha256(data).hexdigest() and manifest["rows"] == 500
     assert "@" not in manifest["storage_url"] and "secret" not in manifest["storage_url"].lower()  # no credentials
 
-    profile = (await ctx.client.get(base + "/profile", headers=OWNER)).json()
+    profile = await ctx.profile(created["id"])
     assert profile["rows"] == 500
 
     preview = await ctx.client.get(
@@ -445,10 +458,11 @@ async def test_ingestion_publishes_progress_and_state_events(ctx: Ctx, bus: Any)
         found = [CloudEvent.model_validate_json(m.data) for m in msgs]
         return [e for e in found if e.data.get("dataset_id") == created["id"]]
 
+    await ctx.profile(created["id"])
     progress = await events("strata.datasets.dataset.progress")
-    assert [e.data["stage"] for e in progress] == ["reading", "profiling", "storing", "ready"]
-    assert all(e.data["bytes"] == len(data) for e in progress)
-    assert progress[-1].data["rows"] == 100
+    assert [e.data["stage"] for e in progress] == ["reading", "storing", "ready", "profiling", "profiled"]
+    assert all(e.data["bytes"] == len(data) for e in progress[:3])
+    assert progress[2].data["rows"] == 100
     deadline = time.monotonic() + 10
     while not await events("strata.datasets.dataset.ready"):
         assert time.monotonic() < deadline
@@ -456,3 +470,7 @@ async def test_ingestion_publishes_progress_and_state_events(ctx: Ctx, bus: Any)
     assert len(await events("strata.datasets.dataset.uploaded")) == 1
     ready = (await events("strata.datasets.dataset.ready"))[0]
     assert ready.data["rows"] == 100 and ready.subject == created["id"]
+    deadline = time.monotonic() + 10
+    while not await events("strata.datasets.dataset.profiled"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)

@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from strata.common.contracts.auth import Identity
 from strata.common.db import utcnow
 from strata.common.deps import CurrentUser, RuntimeDep, SessionDep
-from strata.common.errors import BadRequest, StrataError, Unprocessable
+from strata.common.errors import BadRequest, Conflict, StrataError, Unprocessable
 from strata.common.storage import Storage
 
 from . import engine, service
@@ -69,6 +69,11 @@ UPLOAD_BODY = {
         },
     }
 }
+
+
+class ProfileNotReady(Conflict):
+    code = "PROFILE_NOT_READY"
+    default_message = "The data is ready; its profile is still being computed. Try again in a moment."
 
 
 class UploadInterrupted(BadRequest):
@@ -378,7 +383,9 @@ async def profile(
     dataset_id: str, identity: CurrentUser, session: SessionDep, version: Annotated[int | None, Query(ge=1)] = None
 ) -> dict[str, Any]:
     _, row = await _ready(session, dataset_id, identity, version)
-    return {"version": row.version, **(row.profile or {})}
+    if row.profile is None:
+        raise ProfileNotReady(headers={"Retry-After": "2"})
+    return {"version": row.version, **row.profile}
 
 
 @router.get("/{dataset_id}/manifest")
@@ -405,10 +412,8 @@ async def manifest(
 
 
 def _filters(raw: list[str]) -> list[engine.Filter]:
-    try:
-        return [engine.parse_filter(text) for text in raw]
-    except ValueError as exc:
-        raise Unprocessable(str(exc), details=[{"loc": ["query", "filter"]}]) from None
+    # parse_filter raises InvalidFilter (422, INVALID_FILTER) with the reason.
+    return [engine.parse_filter(text) for text in raw]
 
 
 def _sort(raw: str | None) -> list[tuple[str, bool]]:

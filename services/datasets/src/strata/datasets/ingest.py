@@ -19,7 +19,13 @@ from sqlalchemy import select
 
 from strata.common.app import Runtime
 from strata.common.consumer import ConsumerSpec, Delivery
-from strata.common.contracts.datasets import DatasetFailed, DatasetReady, IngestProgress, IngestRequested
+from strata.common.contracts.datasets import (
+    DatasetFailed,
+    DatasetProfiled,
+    DatasetReady,
+    IngestProgress,
+    IngestRequested,
+)
 from strata.common.db import utcnow
 from strata.common.events import WORK_STREAM, CloudEvent
 from strata.common.storage import Storage
@@ -103,29 +109,60 @@ class Ingestor:
                     threads=self.settings.ingest_threads,
                     memory_limit=self.settings.ingest_memory_limit,
                 )
-                await self._progress(dataset_id, owner, version, "profiling", 0.6, size=size, rows=rows)
-                columns, profile = await asyncio.to_thread(self._describe, out)
+                columns = await asyncio.to_thread(self._columns, out)
             except IngestFailed as exc:
                 await self._fail(dataset_id, version, exc)
                 return
             await self._progress(dataset_id, owner, version, "storing", 0.8, size=size, rows=rows)
             key = data_key(dataset_id, version)
             await self._upload(out, key)
-            await self._ready(dataset_id, version, key, out.stat().st_size, columns, profile)
+            # Queryable now: the profile (a few full scans) follows, instead of keeping the data from its users.
+            await self._ready(dataset_id, version, key, out.stat().st_size, columns, rows)
             await self._progress(dataset_id, owner, version, "ready", 1.0, size=size, rows=rows)
+            await self._profile(dataset_id, owner, version, out)
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
 
-    def _describe(self, parquet: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def _columns(self, parquet: Path) -> list[dict[str, Any]]:
         con = engine.connect(threads=self.settings.ingest_threads, memory_limit=self.settings.ingest_memory_limit)
         try:
             cur = con.cursor()
-            columns = [
-                {"name": c.name, "type": c.type, "nullable": c.nullable} for c in engine.schema(cur, str(parquet))
-            ]
-            return columns, engine.profile(cur, str(parquet))
+            return [{"name": c.name, "type": c.type, "nullable": c.nullable} for c in engine.schema(cur, str(parquet))]
         finally:
             con.close()
+
+    def _profile_file(self, parquet: Path) -> dict[str, Any]:
+        con = engine.connect(threads=self.settings.ingest_threads, memory_limit=self.settings.ingest_memory_limit)
+        try:
+            return engine.profile(con.cursor(), str(parquet))
+        finally:
+            con.close()
+
+    async def _profile(self, dataset_id: str, owner: str, version: int, parquet: Path) -> None:
+        """Profile the ready version from the local copy; a failure here leaves the data ready and says why."""
+        await self._progress(dataset_id, owner, version, "profiling", None)
+        try:
+            profile = await asyncio.to_thread(self._profile_file, parquet)
+        except Exception as exc:  # the data is fine and queryable; only its statistics are missing
+            log.exception("profiling dataset %s v%d failed", dataset_id, version)
+            profile = {"status": "failed", "message": f"Profiling failed: {type(exc).__name__}"}
+        async with self.db.session() as session:
+            row = await session.scalar(
+                select(DatasetVersion).where(DatasetVersion.dataset_id == dataset_id, DatasetVersion.version == version)
+            )
+            if row is None:
+                return
+            row.profile = profile
+            dataset = await session.get(Dataset, dataset_id)
+            if dataset is not None:
+                self.runtime.stage(
+                    session,
+                    event(
+                        DatasetProfiled(dataset_id=dataset_id, owner_id=owner, version=version, name=dataset.name),
+                        dataset_id,
+                    ),
+                )
+        await self._progress(dataset_id, owner, version, "profiled", 1.0)
 
     async def _download(self, key: str, target: Path) -> Path:
         file = await asyncio.to_thread(target.open, "wb")
@@ -146,7 +183,7 @@ class Ingestor:
             await asyncio.to_thread(file.close)
 
     async def _ready(
-        self, dataset_id: str, version: int, key: str, size: int, columns: list[dict[str, Any]], profile: dict[str, Any]
+        self, dataset_id: str, version: int, key: str, size: int, columns: list[dict[str, Any]], rows: int
     ) -> None:
         async with self.db.session() as session:
             row = await session.scalar(
@@ -156,9 +193,8 @@ class Ingestor:
             if row is None or dataset is None:
                 return
             now = utcnow()
-            rows = int(profile.get("rows", 0))
             row.status, row.data_key, row.data_bytes, row.row_count = "ready", key, size, rows
-            row.columns, row.profile, row.error, row.ready_at = columns, profile, None, now
+            row.columns, row.profile, row.error, row.ready_at = columns, None, None, now
             if version >= dataset.current_version or dataset.status != "ready":
                 dataset.current_version = version
                 dataset.column_names = " ".join(c["name"] for c in columns)
@@ -213,7 +249,7 @@ class Ingestor:
         owner_id: str,
         version: int,
         stage: str,
-        fraction: float,
+        fraction: float | None,
         *,
         size: int | None = None,
         rows: int | None = None,

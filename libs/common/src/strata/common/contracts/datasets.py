@@ -31,6 +31,12 @@ class DatasetReady(DatasetEvent):
     columns: list[dict[str, Any]]
 
 
+class DatasetProfiled(DatasetEvent):
+    """The ready version's statistics are computed (they follow ``ready``: data is queryable first)."""
+
+    event_type: ClassVar[str] = "strata.datasets.dataset.profiled"
+
+
 class DatasetFailed(DatasetEvent):
     event_type: ClassVar[str] = "strata.datasets.dataset.failed"
     error: dict[str, Any]
@@ -61,7 +67,7 @@ class IngestProgress(EventPayload):
     dataset_id: str
     owner_id: str
     version: int
-    stage: str  # reading, profiling, storing, ready
+    stage: str  # reading, storing, ready, profiling, profiled
     fraction: float | None = None
     bytes: int | None = None  # of the upload being read
     rows: int | None = None  # converted so far (known once conversion ends)
