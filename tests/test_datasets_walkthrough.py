@@ -118,8 +118,11 @@ def test_walkthrough_on_s3(gateway: tuple[str, dict[str, str]]) -> None:
     base = f"{gw}/api/v1/datasets/{dataset_id}"
     preview = httpx.get(base + "/preview", headers=admin, params={"filter": "rating:gte:3", "sort": "-rating"}).json()
     assert preview["meta"]["total_rows"] == 8 and preview["data"][0][1] == 4
-    profile = httpx.get(base + "/profile", headers=admin).json()
-    assert profile["rows"] == 20
+    deadline = time.monotonic() + 30
+    while (profile := httpx.get(base + "/profile", headers=admin)).status_code == 409:  # it follows ready
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert profile.json()["rows"] == 20
     assert httpx.get(base + "/download", headers=admin, params={"format": "original"}).content == CSV
     assert pq.read_table(io.BytesIO(httpx.get(base + "/download", headers=admin).content)).num_rows == 20
     assert httpx.get(base + "/manifest", headers=admin).json()["storage_url"].startswith("s3://")
