@@ -202,24 +202,30 @@ async def create_dataset(
         updated_at=now,
         column_names="",
     )
-    row = DatasetVersion(
+    row = _new_version(dataset_id, 1, "processing", upload, options, owner.user_id)
+    session.add_all([dataset, row])
+    await session.flush()
+    _ingest_events(stage, session, dataset, row)
+    return dataset
+
+
+def _new_version(
+    dataset_id: str, version: int, status: str, upload: ReceivedUpload, options: dict[str, Any], created_by: str
+) -> DatasetVersion:
+    return DatasetVersion(
         dataset_id=dataset_id,
-        version=1,
-        status="processing",
+        version=version,
+        status=status,
         format=upload.format,
         options=options,
         original_filename=upload.filename,
         original_key=upload.key,
         original_bytes=upload.size,
         sha256=upload.sha256,
-        created_by=owner.user_id,
-        created_at=now,
+        created_by=created_by,
+        created_at=utcnow(),
         attempts=0,
     )
-    session.add_all([dataset, row])
-    await session.flush()
-    _ingest_events(stage, session, dataset, row)
-    return dataset
 
 
 async def next_version_number(session: AsyncSession, dataset: Dataset) -> int:
@@ -239,23 +245,9 @@ async def add_version(
     upload: ReceivedUpload,
     options: dict[str, Any],
 ) -> DatasetVersion:
-    now = utcnow()
-    row = DatasetVersion(
-        dataset_id=dataset.id,
-        version=version,
-        status="processing",
-        format=upload.format,
-        options=options,
-        original_filename=upload.filename,
-        original_key=upload.key,
-        original_bytes=upload.size,
-        sha256=upload.sha256,
-        created_by=actor.user_id,
-        created_at=now,
-        attempts=0,
-    )
+    row = _new_version(dataset.id, version, "processing", upload, options, actor.user_id)
     session.add(row)
-    dataset.updated_at = now
+    dataset.updated_at = row.created_at
     await session.flush()
     _ingest_events(stage, session, dataset, row)
     return row
@@ -562,20 +554,9 @@ async def begin_presigned(
         updated_at=now,
         column_names="",
     )
-    row = DatasetVersion(
-        dataset_id=dataset_id,
-        version=1,
-        status="uploading",
-        format=fmt,
-        options=options,
-        original_filename=filename,
-        original_key=original_key(dataset_id, 1, fmt),
-        original_bytes=size,
-        sha256="",
-        created_by=owner.user_id,
-        created_at=now,
-        attempts=0,
-    )
+    # Size and hash as declared; complete_presigned replaces them with what arrived.
+    pending = ReceivedUpload({}, filename, fmt, original_key(dataset_id, 1, fmt), size, "")
+    row = _new_version(dataset_id, 1, "uploading", pending, options, owner.user_id)
     session.add_all([dataset, row])
     await session.flush()
     return dataset
