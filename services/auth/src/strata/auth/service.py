@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import secrets
 import uuid
@@ -30,6 +28,7 @@ from strata.common.contracts.auth import (
 from strata.common.db import utcnow
 from strata.common.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from strata.common.events import CloudEvent, EventPayload, source_of
+from strata.common.pagination import decode_cursor, encode_cursor
 
 from . import security
 from .config import Settings
@@ -285,20 +284,6 @@ async def delete_user(*, session: AsyncSession, stage: Stage, actor: Identity, u
     await session.flush()
     stage(session, _event(UserDeleted(**_user_payload(user)), user.id))
     log.info("user %s deleted by %s", user.id, actor.user_id)
-
-
-def encode_cursor(values: list[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> list[Any]:
-    try:
-        values = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, TypeError):
-        raise BadRequest("The cursor is not valid.", details=[{"loc": ["query", "cursor"]}]) from None
-    if not isinstance(values, list) or len(values) != 2 or not all(isinstance(v, str) for v in values):
-        raise BadRequest("The cursor is not valid.", details=[{"loc": ["query", "cursor"]}])
-    return values
 
 
 async def list_users(

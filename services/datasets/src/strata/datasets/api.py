@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from strata.common.storage import Storage
 
 from . import engine, service
 from .config import Settings
-from .models import Dataset, DatasetVersion
+from .models import Dataset, DatasetShare, DatasetVersion
 from .schemas import (
     ColumnOut,
     DatasetOut,
@@ -93,6 +94,34 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def _version_out(row: DatasetVersion) -> VersionOut:
+    return VersionOut(
+        version=row.version,
+        status=row.status,
+        format=row.format,
+        original_filename=row.original_filename,
+        original_bytes=row.original_bytes,
+        sha256=row.sha256,
+        row_count=row.row_count,
+        bytes=row.data_bytes,
+        error=row.error,
+        created_by=row.created_by,
+        created_at=row.created_at,
+        ready_at=row.ready_at,
+    )
+
+
+def _share_out(row: DatasetShare) -> ShareOut:
+    return ShareOut(
+        id=row.id,
+        user_id=row.grantee if row.grantee_type == "user" else None,
+        role=row.grantee if row.grantee_type == "role" else None,
+        permission=row.permission,
+        created_by=row.created_by,
+        created_at=row.created_at,
+    )
 
 
 def out(dataset: Dataset, row: DatasetVersion | None, permission: str) -> DatasetOut:
@@ -297,23 +326,7 @@ async def delete_dataset(dataset_id: str, identity: CurrentUser, session: Sessio
 async def versions(dataset_id: str, identity: CurrentUser, session: SessionDep) -> Page[VersionOut]:
     dataset, _ = await service.load(session, dataset_id, identity)
     rows = await service.list_versions(session, dataset)
-    data = [
-        VersionOut(
-            version=r.version,
-            status=r.status,
-            format=r.format,
-            original_filename=r.original_filename,
-            original_bytes=r.original_bytes,
-            sha256=r.sha256,
-            row_count=r.row_count,
-            bytes=r.data_bytes,
-            error=r.error,
-            created_by=r.created_by,
-            created_at=r.created_at,
-            ready_at=r.ready_at,
-        )
-        for r in rows
-    ]
+    data = [_version_out(r) for r in rows]
     return Page[VersionOut](data=data, meta={"next_cursor": None, "limit": len(data)})
 
 
@@ -344,20 +357,7 @@ async def add_version(
                 upload=received,
                 options=options,
             )
-            return VersionOut(
-                version=row.version,
-                status=row.status,
-                format=row.format,
-                original_filename=row.original_filename,
-                original_bytes=row.original_bytes,
-                sha256=row.sha256,
-                row_count=None,
-                bytes=None,
-                error=None,
-                created_by=row.created_by,
-                created_at=row.created_at,
-                ready_at=None,
-            )
+            return _version_out(row)
     except BaseException:
         await services.storage.delete(received.key)
         raise
@@ -519,7 +519,7 @@ async def download(
             media_type="application/octet-stream",
             headers={"Content-Disposition": f'attachment; filename="{safe}.{ext}"', "Content-Length": str(size)},
         )
-    tmp = Path(tempfile.mkdtemp(prefix="strata-dl-", dir=services.settings.service_dir))
+    tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="strata-dl-", dir=services.settings.service_dir))
     target = tmp / f"data.{format}"
 
     def export(cur: Any) -> None:
@@ -527,7 +527,11 @@ async def download(
         path = services.storage.engine_path(row.data_key or "")
         cur.execute(f"COPY (SELECT * FROM read_parquet($p)) TO '{target}' ({options})", {"p": path})  # noqa: S608
 
-    await _in_thread(services, lambda cur: export(cur))
+    try:
+        await _in_thread(services, export)
+    except BaseException:
+        await asyncio.to_thread(shutil.rmtree, tmp, True)  # a failed export leaves no temp folder behind
+        raise
     media = "text/csv" if format == "csv" else "application/json"
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -537,8 +541,6 @@ async def download(
                 yield chunk
         finally:
             await asyncio.to_thread(file.close)
-
-    import shutil
 
     return StreamingResponse(
         chunks(),
@@ -552,17 +554,7 @@ async def download(
 async def shares(dataset_id: str, identity: CurrentUser, session: SessionDep) -> Page[ShareOut]:
     dataset, _ = await service.load(session, dataset_id, identity, "owner")
     rows = await service.list_shares(session, dataset)
-    data = [
-        ShareOut(
-            id=r.id,
-            user_id=r.grantee if r.grantee_type == "user" else None,
-            role=r.grantee if r.grantee_type == "role" else None,
-            permission=r.permission,
-            created_by=r.created_by,
-            created_at=r.created_at,
-        )
-        for r in rows
-    ]
+    data = [_share_out(r) for r in rows]
     return Page[ShareOut](data=data, meta={"next_cursor": None, "limit": len(data)})
 
 
@@ -576,14 +568,7 @@ async def add_share(
 ) -> ShareOut:
     dataset, _ = await service.load(session, dataset_id, identity, "owner")
     r = await service.share(session=session, stage=runtime.stage, actor=identity, dataset=dataset, spec=spec)
-    return ShareOut(
-        id=r.id,
-        user_id=r.grantee if r.grantee_type == "user" else None,
-        role=r.grantee if r.grantee_type == "role" else None,
-        permission=r.permission,
-        created_by=r.created_by,
-        created_at=r.created_at,
-    )
+    return _share_out(r)
 
 
 @router.delete("/{dataset_id}/shares/{share_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -592,6 +577,3 @@ async def remove_share(
 ) -> None:
     dataset, _ = await service.load(session, dataset_id, identity, "owner")
     await service.unshare(session=session, stage=runtime.stage, dataset=dataset, share_id=share_id)
-
-
-__all__ = ["Services", "StrataError", "router"]

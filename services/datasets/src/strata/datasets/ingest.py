@@ -34,7 +34,7 @@ from . import engine
 from .config import Settings
 from .convert import IngestFailed, convert
 from .models import Dataset, DatasetVersion
-from .service import SOURCE, data_key, event
+from .service import SOURCE, data_key, dataset_event, event
 
 log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024
@@ -158,7 +158,7 @@ class Ingestor:
                 self.runtime.stage(
                     session,
                     event(
-                        DatasetProfiled(dataset_id=dataset_id, owner_id=owner, version=version, name=dataset.name),
+                        dataset_event(DatasetProfiled, dataset, version),
                         dataset_id,
                     ),
                 )
@@ -202,15 +202,7 @@ class Ingestor:
             self.runtime.stage(
                 session,
                 event(
-                    DatasetReady(
-                        dataset_id=dataset_id,
-                        owner_id=dataset.owner_id,
-                        version=version,
-                        name=dataset.name,
-                        rows=rows,
-                        bytes=size,
-                        columns=columns,
-                    ),
+                    dataset_event(DatasetReady, dataset, version, rows=rows, bytes=size, columns=columns),
                     dataset_id,
                 ),
             )
@@ -231,13 +223,7 @@ class Ingestor:
             self.runtime.stage(
                 session,
                 event(
-                    DatasetFailed(
-                        dataset_id=dataset_id,
-                        owner_id=dataset.owner_id,
-                        version=version,
-                        name=dataset.name,
-                        error=exc.to_dict(),
-                    ),
+                    dataset_event(DatasetFailed, dataset, version, error=exc.to_dict()),
                     dataset_id,
                 ),
             )

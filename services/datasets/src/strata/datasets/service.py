@@ -3,13 +3,12 @@ commit (the request's session, or the worker's, commits once)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -17,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strata.common.contracts.auth import Identity, Role
 from strata.common.contracts.datasets import (
     DatasetDeleted,
+    DatasetEvent,
     DatasetShared,
     DatasetUpdated,
     DatasetUploaded,
@@ -25,12 +25,14 @@ from strata.common.contracts.datasets import (
 from strata.common.db import utcnow
 from strata.common.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from strata.common.events import CloudEvent, EventPayload, source_of
+from strata.common.pagination import decode_cursor, encode_cursor
 
 from .models import Dataset, DatasetShare, DatasetVersion
 from .schemas import DatasetPatch, ShareIn
 from .upload import ReceivedUpload
 
 SOURCE = source_of("datasets")
+D = TypeVar("D", bound=DatasetEvent)
 Stage = Callable[[AsyncSession, CloudEvent], None]
 Permission = Literal["owner", "admin", "write", "read"]
 SORTS = {"created_at", "-created_at", "updated_at", "-updated_at", "name", "-name"}
@@ -54,6 +56,11 @@ class ShareNotFound(NotFound):
 
 def event(payload: EventPayload, subject: str) -> CloudEvent:
     return CloudEvent.of(payload, source=SOURCE, subject=subject)
+
+
+def dataset_event(kind: type[D], dataset: Dataset, version: int, **fields: Any) -> D:
+    """A dataset event with the fields every one of them carries filled in from ``dataset``."""
+    return kind(dataset_id=dataset.id, owner_id=dataset.owner_id, version=version, name=dataset.name, **fields)
 
 
 def key_prefix(dataset_id: str, version: int) -> str:
@@ -140,11 +147,10 @@ def _ingest_events(stage: Stage, session: AsyncSession, dataset: Dataset, row: D
     stage(
         session,
         event(
-            DatasetUploaded(
-                dataset_id=dataset.id,
-                owner_id=dataset.owner_id,
-                version=row.version,
-                name=dataset.name,
+            dataset_event(
+                DatasetUploaded,
+                dataset,
+                row.version,
                 format=row.format,
                 bytes=row.original_bytes,
                 sha256=row.sha256,
@@ -266,20 +272,6 @@ async def list_versions(session: AsyncSession, dataset: Dataset) -> list[Dataset
 
 
 # -- list, update, delete --------------------------------------------------------------------------------------------
-def _encode_cursor(values: list[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> list[Any]:
-    try:
-        values = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, TypeError):
-        raise BadRequest("The cursor is not valid.", details=[{"loc": ["query", "cursor"]}]) from None
-    if not isinstance(values, list) or len(values) != 2:
-        raise BadRequest("The cursor is not valid.", details=[{"loc": ["query", "cursor"]}])
-    return values
-
-
 @dataclass(frozen=True)
 class ListQuery:
     q: str | None = None
@@ -319,11 +311,12 @@ async def list_datasets(
     descending = query.sort.startswith("-")
     column = getattr(Dataset, query.sort.lstrip("-"))
     if query.cursor:
-        value, last_id = _decode_cursor(query.cursor)
+        raw_value, last_id = decode_cursor(query.cursor)
+        value: str | datetime = raw_value
         if query.sort.lstrip("-") != "name":
             try:
-                value = datetime.fromisoformat(value)
-            except (TypeError, ValueError):
+                value = datetime.fromisoformat(raw_value)
+            except ValueError:
                 raise BadRequest("The cursor is not valid for this sort.") from None
         after = column < value if descending else column > value
         tie = and_(column == value, Dataset.id < last_id if descending else Dataset.id > last_id)
@@ -335,7 +328,7 @@ async def list_datasets(
         rows = rows[: query.limit]
         last = rows[-1]
         value = getattr(last, query.sort.lstrip("-"))
-        next_cursor = _encode_cursor([value.isoformat() if isinstance(value, datetime) else value, last.id])
+        next_cursor = encode_cursor([value.isoformat() if isinstance(value, datetime) else value, last.id])
     return rows, next_cursor
 
 
@@ -379,11 +372,10 @@ async def update_dataset(*, session: AsyncSession, stage: Stage, dataset: Datase
         stage(
             session,
             event(
-                DatasetUpdated(
-                    dataset_id=dataset.id,
-                    owner_id=dataset.owner_id,
-                    version=dataset.current_version,
-                    name=dataset.name,
+                dataset_event(
+                    DatasetUpdated,
+                    dataset,
+                    dataset.current_version,
                     changes=changes,
                 ),
                 dataset.id,
@@ -393,16 +385,15 @@ async def update_dataset(*, session: AsyncSession, stage: Stage, dataset: Datase
 
 
 async def delete_dataset(*, session: AsyncSession, stage: Stage, dataset: Dataset) -> None:
-    """Marks it deleted now (it disappears at once); the caller removes the files after the commit."""
+    """Marks it deleted now (it disappears at once). The files go when the service's own consumer of the
+    ``deleted`` event (durable, retried) handles it, after this commits."""
     dataset.deleted_at = utcnow()
     dataset.updated_at = dataset.deleted_at
     await session.flush()
     stage(
         session,
         event(
-            DatasetDeleted(
-                dataset_id=dataset.id, owner_id=dataset.owner_id, version=dataset.current_version, name=dataset.name
-            ),
+            dataset_event(DatasetDeleted, dataset, dataset.current_version),
             dataset.id,
         ),
     )
@@ -440,11 +431,10 @@ async def share(
     stage(
         session,
         event(
-            DatasetShared(
-                dataset_id=dataset.id,
-                owner_id=dataset.owner_id,
-                version=dataset.current_version,
-                name=dataset.name,
+            dataset_event(
+                DatasetShared,
+                dataset,
+                dataset.current_version,
                 grantee_type=grantee_type,
                 grantee=grantee,
                 permission=spec.permission,
@@ -474,11 +464,10 @@ async def unshare(*, session: AsyncSession, stage: Stage, dataset: Dataset, shar
     stage(
         session,
         event(
-            DatasetShared(
-                dataset_id=dataset.id,
-                owner_id=dataset.owner_id,
-                version=dataset.current_version,
-                name=dataset.name,
+            dataset_event(
+                DatasetShared,
+                dataset,
+                dataset.current_version,
                 grantee_type=row.grantee_type,
                 grantee=row.grantee,
                 permission=None,
