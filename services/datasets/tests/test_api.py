@@ -474,3 +474,37 @@ async def test_ingestion_publishes_progress_and_state_events(ctx: Ctx, bus: Any)
     while not await events("strata.datasets.dataset.profiled"):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
+
+
+async def test_list_search_sort_and_cursor_paging(ctx: Ctx) -> None:
+    ids = {}
+    for name in ("bravo", "alpha", "charlie"):
+        ids[name] = (await ctx.upload("calls.csv", calls_csv(5), name=name)).json()["id"]
+    for dataset_id in ids.values():
+        await ctx.wait(dataset_id)
+    seen: list[str] = []
+    cursor = None
+    for _ in range(3):
+        params: dict[str, Any] = {"sort": "name", "limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await ctx.client.get("/api/v1/datasets", headers=OWNER, params=params)).json()
+        seen += [d["name"] for d in page["data"]]
+        cursor = page["meta"]["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ["alpha", "bravo", "charlie"]
+    newest = (await ctx.client.get("/api/v1/datasets", headers=OWNER, params={"limit": 1})).json()
+    older = (
+        await ctx.client.get(
+            "/api/v1/datasets", headers=OWNER, params={"limit": 5, "cursor": newest["meta"]["next_cursor"]}
+        )
+    ).json()
+    assert [d["id"] for d in newest["data"] + older["data"]] == [ids["charlie"], ids["alpha"], ids["bravo"]]
+    found = (await ctx.client.get("/api/v1/datasets", headers=OWNER, params={"q": "rating"})).json()  # a column
+    assert len(found["data"]) == 3
+    for params in (
+        {"cursor": "garbage!"},
+        {"sort": "size"},
+        {"sort": "-created_at", "cursor": newest["meta"]["next_cursor"].replace("A", "B")},
+    ):
+        resp = await ctx.client.get("/api/v1/datasets", headers=OWNER, params=params)
+        assert resp.status_code in (400, 422), (params, resp.text)
