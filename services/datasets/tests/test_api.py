@@ -504,7 +504,7 @@ async def test_list_search_sort_and_cursor_paging(ctx: Ctx) -> None:
     for params in (
         {"cursor": "garbage!"},
         {"sort": "size"},
-        {"sort": "-created_at", "cursor": newest["meta"]["next_cursor"].replace("A", "B")},
+        {"cursor": newest["meta"]["next_cursor"][:-4]},  # truncated
     ):
         resp = await ctx.client.get("/api/v1/datasets", headers=OWNER, params=params)
         assert resp.status_code in (400, 422), (params, resp.text)
