@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -50,10 +51,24 @@ def stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
     return proc.returncode, output.decode(errors="replace")
 
 
-def test_make_run_comes_up_stops_cleanly_and_restarts(tmp_path: Path) -> None:
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Supervisors this test starts: killed, with their pipes closed, even when the test fails half-way."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_make_run_comes_up_stops_cleanly_and_restarts(tmp_path: Path, started: list[subprocess.Popen[bytes]]) -> None:
     port = free_port()
     data = tmp_path / "data"
     proc = start(data, port)
+    started.append(proc)
     wait_ready(proc, port)
     children = children_of(proc.pid)
     assert len(children) == 6  # nats-server and the five services
@@ -62,6 +77,7 @@ def test_make_run_comes_up_stops_cleanly_and_restarts(tmp_path: Path) -> None:
 
     # A second copy on the same data folder is refused with a clear message instead of corrupting it.
     clash = start(data, free_port())
+    started.append(clash)
     out, _ = clash.communicate(timeout=20)
     assert clash.returncode == 2 and b"Another `make run`" in out
 
@@ -76,6 +92,7 @@ def test_make_run_comes_up_stops_cleanly_and_restarts(tmp_path: Path) -> None:
     # Again, on the same data: the databases and the NATS store are reused.
     assert (data / "datasets.db").exists() and (data / "nats").is_dir()
     proc = start(data, port)
+    started.append(proc)
     seconds = wait_ready(proc, port)
     code, output = stop(proc)
     assert code == 0 and seconds < 60
