@@ -59,6 +59,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
             "STRATA_ADMIN_EMAIL": ADMIN[0],
             "STRATA_ADMIN_PASSWORD": ADMIN[1],
             "STRATA_GATEWAY_RATE_LIMIT_SIGNIN": "1/min;burst=8",  # refills too slowly to blur the test
+            "STRATA_DATASETS_DEMO_DATA": "true",  # the query examples run on them
         },
     )
     procs = {
@@ -196,7 +197,95 @@ def test_a_dataset_through_the_gateway(suite: Suite) -> None:
     ).json()
     outsider = {"Authorization": f"Bearer {token['access_token']}"}
     assert httpx.get(f"{gw}/api/v1/datasets/{dataset_id}", headers=outsider).status_code == 404
-    assert httpx.get(f"{gw}/api/v1/datasets", headers=outsider).json()["data"] == []
+    visible = httpx.get(f"{gw}/api/v1/datasets", headers=outsider).json()["data"]
+    assert dataset_id not in {d["id"] for d in visible}  # only the demo datasets, shared with everyone
+
+
+def _sign_up(suite: Suite, email: str, role: str) -> dict[str, str]:
+    password = f"{role} password for {email}"
+    created = httpx.post(
+        suite.gateway + "/api/v1/auth/users",
+        headers=suite.admin_headers,
+        json={"email": email, "password": password, "display_name": email.split("@")[0], "role": role},
+    )
+    assert created.status_code == 201, created.text
+    token = httpx.post(suite.gateway + "/api/v1/auth/token", data={"username": email, "password": password}).json()
+    return {"Authorization": f"Bearer {token['access_token']}"}
+
+
+def _wait_job(gw: str, job_id: str, headers: dict[str, str], timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job: dict[str, Any] = httpx.get(f"{gw}/api/v1/jobs/{job_id}", headers=headers).json()
+        if job["state"] in ("succeeded", "failed", "cancelled", "timed_out") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def test_queries_on_the_demo_datasets_through_the_gateway(suite: Suite) -> None:
+    """An analyst runs every example on both engines, pages and downloads a result, cancels a long query and sees
+    it stop; another analyst cannot see any of it."""
+    gw = suite.gateway
+    analyst = _sign_up(suite, "querier@example.com", "analyst")
+    deadline = time.monotonic() + 90
+    while True:  # the demo datasets are generated and ingested on first start
+        names = {d["name"]: d["status"] for d in httpx.get(gw + "/api/v1/datasets", headers=analyst).json()["data"]}
+        if names.get("support_calls") == "ready" and names.get("taxi_trips") == "ready":
+            break
+        assert time.monotonic() < deadline, names
+        time.sleep(0.5)
+
+    examples = httpx.get(gw + "/api/v1/queries/examples", headers=analyst).json()
+    assert {e["engine"] for e in examples} == {"duckdb", "clickhouse"}
+    for example in examples:
+        resp = httpx.post(
+            gw + "/api/v1/queries",
+            headers=analyst,
+            json={
+                "sql": example["sql"],
+                "engine": example["engine"],
+                "parameters": example["parameters"],
+                "wait_ms": 20000,
+            },
+            timeout=30,
+        )
+        assert resp.status_code in (200, 202), resp.text
+        job = _wait_job(gw, resp.json()["id"], analyst)
+        assert job["state"] == "succeeded" and job["result"]["rows"] > 0, (example["title"], job)
+
+    job = httpx.post(
+        gw + "/api/v1/queries",
+        headers=analyst,
+        json={"sql": "SELECT trip_id, fare FROM taxi_trips ORDER BY trip_id LIMIT 2500", "wait_ms": 20000},
+        timeout=30,
+    ).json()
+    assert job["state"] == "succeeded", job
+    first = httpx.get(f"{gw}/api/v1/jobs/{job['id']}/results", headers=analyst, params={"limit": 1000}).json()
+    second = httpx.get(
+        f"{gw}/api/v1/jobs/{job['id']}/results", headers=analyst, params={"page_token": first["next_page_token"]}
+    ).json()
+    assert [r[0] for r in first["rows"] + second["rows"]][:2000] == list(range(1, 2001))
+    csv_body = httpx.get(f"{gw}/api/v1/jobs/{job['id']}/results/download", headers=analyst, params={"format": "csv"})
+    assert csv_body.status_code == 200 and len(csv_body.text.splitlines()) == 2501
+
+    long = httpx.post(
+        gw + "/api/v1/queries",
+        headers=analyst,
+        json={"sql": "SELECT sum(a.range * b.range) FROM range(100000) a, range(100000) b"},
+    ).json()
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{gw}/api/v1/jobs/{long['id']}", headers=analyst).json()["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cancelled = httpx.post(
+        f"{gw}/api/v1/jobs/{long['id']}/cancel", headers=analyst, params={"wait_ms": 10000}, timeout=20
+    ).json()
+    assert cancelled["state"] == "cancelled", cancelled
+
+    outsider = _sign_up(suite, "nosy@example.com", "analyst")
+    assert httpx.get(f"{gw}/api/v1/jobs/{job['id']}", headers=outsider).status_code == 404
+    assert httpx.get(f"{gw}/api/v1/jobs/{job['id']}/results", headers=outsider).status_code == 404
+    assert httpx.get(f"{gw}/api/v1/jobs", headers=outsider).json()["items"] == []
 
 
 def test_sign_in_roles_and_limits_through_the_gateway(suite: Suite) -> None:

@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError, NotFoundError
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr
 
 from . import tracing
 from .context import request_id_var
@@ -46,6 +46,9 @@ class EventPayload(BaseModel):
     model_config = ConfigDict(extra="ignore")
     event_type: ClassVar[str] = ""
     schema_version: ClassVar[int] = 1
+    #: Publish on ``<event_type>.<subject>`` (the entity id appended), so one entity's events can be read or watched
+    #: with a subject filter (``strata.execution.job.*.<id>``) instead of scanning the stream.
+    keyed: ClassVar[bool] = False
 
 
 P = TypeVar("P", bound=EventPayload)
@@ -65,6 +68,7 @@ class CloudEvent(BaseModel):
     datacontenttype: str = "application/json"
     dataversion: int = 1
     data: dict[str, Any] = Field(default_factory=dict)
+    _keyed: bool = PrivateAttr(default=False)
 
     @classmethod
     def of(
@@ -73,13 +77,18 @@ class CloudEvent(BaseModel):
         event_type = type or payload.event_type
         if not event_type or "{" in event_type:
             raise ValueError(f"{payload.__class__.__name__} needs a concrete event type")
-        return cls(
+        event = cls(
             source=source,
             type=event_type,
             subject=subject,
             dataversion=payload.schema_version,
             data=payload.model_dump(mode="json"),
         )
+        if payload.keyed:
+            if not subject or any(c in subject for c in ".*> \t"):
+                raise ValueError(f"{payload.__class__.__name__} is keyed: its subject must be one NATS token")
+            event._keyed = True
+        return event
 
     def payload(self, model: builtins.type[P]) -> P:
         """The data as ``model`` (unknown fields ignored)."""
@@ -87,7 +96,7 @@ class CloudEvent(BaseModel):
 
     @property
     def nats_subject(self) -> str:
-        return self.type
+        return f"{self.type}.{self.subject}" if self._keyed else self.type
 
 
 def source_of(service: str) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -250,6 +251,18 @@ class Storage(ABC):
         should close it (``contextlib.aclosing``) so the file or connection is released at once.
         """
 
+    async def put_file(self, path: Path, key: str, *, chunk_size: int = 8 * 1024 * 1024) -> int:
+        """Store the local file ``path`` as ``key`` (whole or not at all) and return its size. ``path`` is consumed:
+        file storage may move it instead of copying it."""
+        file = await asyncio.to_thread(path.open, "rb")
+        try:
+            async with self.writer(key) as writer:
+                while chunk := await asyncio.to_thread(file.read, chunk_size):
+                    await writer.write(chunk)
+                return writer.bytes_written
+        finally:
+            await asyncio.to_thread(file.close)
+
     @abstractmethod
     async def size(self, key: str) -> int:
         """The object's size in bytes; ``FileNotFoundError`` if there is none."""
@@ -341,6 +354,24 @@ def _commit_temp(file: IO[bytes], temp: Path, target: Path) -> None:
         os.close(dir_fd)
 
 
+def _move_into(source: Path, target: Path) -> int:
+    """Move ``source`` to ``target`` durably: its data, then the rename (``EXDEV`` across file systems)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    os.replace(source, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return size
+
+
 def _discard_temp(file: IO[bytes], temp: Path) -> None:
     try:
         file.close()
@@ -412,6 +443,16 @@ class FileStorage(Storage):
         except BaseException:
             await _cleanup(asyncio.to_thread(_discard_temp, file, temp), f"removing {temp}")
             raise
+
+    async def put_file(self, path: Path, key: str, *, chunk_size: int = 8 * 1024 * 1024) -> int:
+        """A rename when ``path`` is on the storage's file system (no copy), a copy otherwise."""
+        target = self._path(key)
+        try:
+            return await _shielded(asyncio.to_thread(_move_into, path, target))
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        return await super().put_file(path, key, chunk_size=chunk_size)
 
     async def read_chunks(self, key: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> AsyncGenerator[bytes, None]:
         if chunk_size <= 0:

@@ -23,7 +23,6 @@ Filters in query strings are ``<column>:<op>:<value>`` (see :func:`parse_filter`
 
 from __future__ import annotations
 
-import base64
 import difflib
 import json
 import math
@@ -40,6 +39,7 @@ from urllib.parse import unquote
 import duckdb
 
 from strata.common.errors import Unprocessable
+from strata.common.jsonvalues import json_value
 
 __all__ = [
     "MAX_IN_VALUES",
@@ -606,47 +606,13 @@ _CONVERTERS: Final[Mapping[str, Callable[[Any, str], Any]]] = {
 }
 
 
-# --- JSON-safe values ----------------------------------------------------------------------------------------------
-
-
-def _json_value(value: Any) -> Any:
-    """A value as JSON can carry it: ISO 8601 for times, text for decimals, base64 for bytes, ``None`` for NaN/inf."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Decimal):
-        return format(value, "f") if value.is_finite() else None
-    if isinstance(value, datetime | date | time):
-        return value.isoformat()
-    if isinstance(value, bytes | bytearray | memoryview):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, timedelta):
-        return _iso_duration(value)
-    if isinstance(value, dict):
-        return {str(_json_value(k)): _json_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_value(v) for v in value]
-    return str(value)
-
-
-def _iso_duration(delta: timedelta) -> str:
-    sign = "-" if delta < timedelta(0) else ""
-    delta = abs(delta)
-    seconds = delta.seconds + delta.microseconds / 1_000_000
-    text = f"{seconds:f}".rstrip("0").rstrip(".")
-    return f"{sign}P{delta.days}DT{text}S"
-
-
 # --- preview ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
     columns: list[Column]
-    #: Rows as lists in ``columns`` order, every value JSON-safe (see :func:`_json_value`).
+    #: Rows as lists in ``columns`` order, every value JSON-safe (see :func:`strata.common.jsonvalues.json_value`).
     rows: list[list[Any]]
     #: Rows matching the filters. Exact from the Parquet footer without filters, and from the page itself when it is
     #: the last one; otherwise counted by a second query that stops at ``TOTAL_ROWS_CAP`` matches (``None`` beyond).
@@ -709,7 +675,7 @@ def preview(
     sql += " LIMIT ? OFFSET ?"
     fetched = cur.execute(sql, [source, *params, limit + 1, offset]).fetchall()
     has_more = len(fetched) > limit
-    rows = [[_json_value(v) for v in row] for row in fetched[:limit]]
+    rows = [[json_value(v) for v in row] for row in fetched[:limit]]
 
     total: int | None
     if not where:
@@ -775,7 +741,7 @@ def options(
         sql += " WHERE " + " AND ".join(where)
     sql += f" GROUP BY {ident} ORDER BY n DESC, {ident} ASC NULLS LAST LIMIT ?"
     rows = cur.execute(sql, [source, *params, limit]).fetchall()
-    return [(_json_value(value), int(n)) for value, n in rows]
+    return [(json_value(value), int(n)) for value, n in rows]
 
 
 # --- profile ---------------------------------------------------------------------------------------------------------
@@ -896,7 +862,7 @@ def profile(cur: duckdb.DuckDBPyConnection, path: str | PathLike[str]) -> dict[s
         low = row[plan["min"]] if "min" in plan else None
         high = row[plan["max"]] if "max" in plan else None
         if "min" in plan:
-            entry["min"], entry["max"] = _json_value(low), _json_value(high)
+            entry["min"], entry["max"] = json_value(low), json_value(high)
         if kind in _NUMERIC:
             entry["mean"] = _float_or_none(row[plan["mean"]])
             entry["stddev"] = _float_or_none(row[plan["stddev"]])
