@@ -207,6 +207,10 @@ class Worker:
                 log.debug("slot %d could not take a job: %s", n, exc)
                 msg = None
                 await asyncio.sleep(1.0)
+            if msg is not None and self._stopping:  # taken while stopping: straight back to the queue
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=0)
+                break
             if msg is None:
                 self._doorbell.clear()
                 with contextlib.suppress(TimeoutError):
@@ -283,6 +287,8 @@ class Worker:
             if now >= job.deadline_at:
                 await self._time_out(session, job, part="queue" if job.started_at is None else "run")
                 return None
+            if job.id in self.running:
+                return "busy"  # running here: a redelivery after a stall of this process
             if job.state == "running":
                 fresh = job.heartbeat_at is not None and now - job.heartbeat_at < timedelta(
                     seconds=self.settings.ack_wait_s
@@ -459,6 +465,8 @@ class Worker:
 
     async def _interrupted(self, job: Job, running: RunningJob) -> str:
         reason = running.stop_reason
+        if reason is None and (job.deadline_at - utcnow()).total_seconds() < 1.0:
+            reason = "timeout"  # the engine's own time limit (max_execution_time) fired first
         if reason == "timeout":
             async with self.db.session() as session:
                 await self._time_out(session, job, part="run")
