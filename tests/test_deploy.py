@@ -114,9 +114,11 @@ def exposed_metrics() -> set[str]:
     """Every series name a Strata service can expose, read from the real registries (not from a list kept by hand)."""
     from strata.common.app import RuntimeMetrics
     from strata.common.observability import Metrics
+    from strata.execution.worker import WorkerMetrics
 
     metrics = Metrics("deploy-test")
     RuntimeMetrics(metrics)
+    WorkerMetrics(metrics)
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names = {family.name + s for family in metrics.registry.collect() for s in suffixes.get(family.type, ("",))}
     assert {"strata_http_requests_total", "strata_consumer_pending_messages", "strata_nats_connected"} <= names
@@ -223,6 +225,40 @@ tests:
               summary: "execution consumer execution-jobs: 1400 messages behind, and growing"
               description: >-
                 Messages arrive faster than this consumer handles them. Scale the service or look for slow handlers.
+  # Jobs: one closed by the reaper; and a queue where nine jobs in ten wait between one and five minutes.
+  - interval: 1m
+    input_series:
+      - series: 'strata_jobs_reaped_total{service="execution",instance="e1:8000",reason="worker_lost"}'
+        values: '0 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1'
+      - series: 'strata_job_queue_seconds_bucket{service="execution",instance="e1:8000",priority="3",le="60.0"}'
+        values: '0+1x40'
+      - series: 'strata_job_queue_seconds_bucket{service="execution",instance="e1:8000",priority="3",le="300.0"}'
+        values: '0+10x40'
+      - series: 'strata_job_queue_seconds_bucket{service="execution",instance="e1:8000",priority="3",le="+Inf"}'
+        values: '0+10x40'
+    alert_rule_test:
+      - eval_time: 5m
+        alertname: StrataJobsWorkerLost
+        exp_alerts:
+          - exp_labels: {severity: warning, service: execution}
+            exp_annotations:
+              summary: "execution: jobs were closed because their worker vanished"
+              description: >-
+                The reaper failed running jobs whose replica stopped heartbeating and that no replica took over
+                (crashes, OOM kills). Look for restarts of the execution pods and for queries that exhaust memory.
+      - eval_time: 25m
+        alertname: StrataJobsWorkerLost
+        exp_alerts: []
+      - eval_time: 5m
+        alertname: StrataJobsWaitingLong
+        exp_alerts: []
+      - eval_time: 30m
+        alertname: StrataJobsWaitingLong
+        exp_alerts:
+          - exp_labels: {severity: warning, service: execution}
+            exp_annotations:
+              summary: "execution: 10% of jobs wait more than a minute for a worker"
+              description: "The job queue is longer than the workers can take. Scale execution, or raise its workers."
 """
 
 

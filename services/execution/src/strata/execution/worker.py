@@ -43,7 +43,7 @@ from strata.common.contracts.execution import (
 )
 from strata.common.db import utcnow
 from strata.common.events import WORK_STREAM, CloudEvent
-from strata.common.observability import LATENCY_BUCKETS
+from strata.common.observability import LATENCY_BUCKETS, Metrics
 from strata.common.storage import Storage
 
 from .config import Settings
@@ -66,8 +66,8 @@ def result_key(job_id: str) -> str:
 
 
 class WorkerMetrics:
-    def __init__(self, runtime: Runtime) -> None:
-        r = runtime.metrics.registry
+    def __init__(self, metrics: Metrics) -> None:
+        r = metrics.registry
         self.jobs = Counter(
             "strata_jobs_finished_total",
             "Jobs that ended, by kind, engine and state.",
@@ -124,7 +124,7 @@ class Worker:
         self.storage = storage
         self.engines = engines
         self.watcher = watcher
-        self.metrics = WorkerMetrics(runtime)
+        self.metrics = WorkerMetrics(runtime.metrics)
         self.running: dict[str, RunningJob] = {}
         self._doorbell = asyncio.Event()
         self._idle = asyncio.Event()  # set while no job runs here
