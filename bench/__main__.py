@@ -1,4 +1,7 @@
-"""``python -m bench [gateway|auth|events|datasets|all]``: run the benchmarks, print their tables (bench/README.md)."""
+"""``python -m bench [gateway|auth|events|datasets|execution|all]``: run the benchmarks, print their tables.
+
+What each measures, and the figures: bench/README.md.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from . import machine
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", nargs="?", default="all", choices=("all", "gateway", "auth", "events", "datasets"))
+    parser.add_argument(
+        "which", nargs="?", default="all", choices=("all", "gateway", "auth", "events", "datasets", "execution")
+    )
     parser.add_argument("--quick", action="store_true", help="short runs, to check that the benchmarks work")
     parser.add_argument(
         "--client",
@@ -78,6 +83,16 @@ def main(argv: list[str] | None = None) -> int:
             kwargs.update(csv_rows=1_000_000, preview_calls=100, warmup_calls=10)
         results["datasets"] = datasets.run(**kwargs)
         print(f"(datasets benchmark took {time.monotonic() - started:.0f}s)", flush=True)
+    if args.which in ("all", "execution"):
+        from . import execution
+
+        started = time.monotonic()
+        print("\n== execution: queries and jobs ==", flush=True)
+        kwargs = {}
+        if args.quick:
+            kwargs.update(small_calls=60, warmup_calls=10, block=20, big_rows=2_000_000, heavy_rounds=3, jobs=200)
+        results["execution"] = execution.run(**kwargs)
+        print(f"(execution benchmark took {time.monotonic() - started:.0f}s)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"\nfigures written to {args.json}")
