@@ -48,6 +48,13 @@ async def create_thing(thing: Thing) -> Thing:
     return thing
 
 
+@router.get("/api/v1/locked")
+async def locked() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    raise OperationalError("INSERT INTO jobs ...", {}, Exception("database is locked"))
+
+
 @router.get("/api/v1/boom")
 async def boom() -> None:
     raise RuntimeError("secret connection string postgres://admin:hunter2@db")
@@ -105,6 +112,13 @@ async def test_unexpected_error_is_500_logged_once_without_internals(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert errors[0].exc_info is not None and "hunter2" in str(errors[0].exc_info[1])
+
+
+async def test_a_busy_database_is_a_503_to_retry(tmp_path: Path, nats_url: str) -> None:
+    async with app_client(make_app(tmp_path, nats_url)) as client:
+        resp = await client.get("/api/v1/locked")
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+    assert resp.json()["error"]["code"] == "DATABASE_BUSY" and "INSERT" not in resp.text
 
 
 async def test_unknown_route_and_method(tmp_path: Path, nats_url: str) -> None:

@@ -11,6 +11,7 @@ once with the traceback and answers a 500 that reveals nothing of them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -21,6 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from .context import request_id_var
+
+log = logging.getLogger(__name__)
 
 
 class StrataError(Exception):
@@ -184,7 +187,22 @@ async def _http_error_handler(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code_for_status(exc.status_code), message, headers=exc.headers)
 
 
+async def _database_busy_handler(request: Request, exc: Exception) -> Response:
+    """An operational database error (SQLite's ``database is locked`` after its busy timeout, a PostgreSQL server at
+    its connection limit or gone): the request may succeed if retried, so a 503 with ``Retry-After``, not a 500."""
+    log.warning("database unavailable for %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0])
+    return error_response(
+        503,
+        "DATABASE_BUSY",
+        "The service's database is busy or unreachable; retry in a moment.",
+        headers={"Retry-After": "1"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    app.add_exception_handler(OperationalError, _database_busy_handler)
     app.add_exception_handler(StrataError, _strata_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
