@@ -113,7 +113,9 @@ async def _wait(job_id: str, wait_s: float, runtime: RuntimeDep, services: Servi
         remaining = deadline - time.monotonic()
         if job.state in FINAL_STATES or remaining <= 0:
             return job
-        await services.watcher.wait(job_id, min(remaining, 1.0))
+        woken = await services.watcher.wait(job_id, min(remaining, 1.0))
+        if isinstance(woken, Job) and woken.state in FINAL_STATES:
+            return woken  # as this replica's worker committed it: no need to read it back
 
 
 async def _dry_run(engine: Engine, body: QueryIn, analysis: Any, tables: dict[str, ResolvedTable]) -> JSONResponse:

@@ -332,7 +332,7 @@ class JobWatcher:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._waiters: dict[str, set[_Waiter]] = defaultdict(set)
         self._sub: Any = None
 
     async def start(self) -> None:
@@ -354,26 +354,33 @@ class JobWatcher:
         if len(parts) == 5 and parts[3] in FINAL_STATES:
             self.notify(parts[4])
 
-    def notify(self, job_id: str) -> None:
-        for event in self._waiters.get(job_id, ()):
-            event.set()
+    def notify(self, job_id: str, job: Job | None = None) -> None:
+        """Wake the waiters of ``job_id``; ``job`` is the ended job as this replica's worker left it (saves a read)."""
+        for waiter in self._waiters.get(job_id, ()):
+            waiter.job = job
+            waiter.set()
 
-    async def wait(self, job_id: str, timeout_s: float) -> bool:
-        """True when woken before ``timeout_s``; the caller re-reads the job either way."""
-        event = asyncio.Event()
-        self._waiters[job_id].add(event)
+    async def wait(self, job_id: str, timeout_s: float) -> Job | bool:
+        """The ended job when this replica's worker says so, True when woken otherwise (re-read the job), False
+        after ``timeout_s``."""
+        waiter = _Waiter()
+        self._waiters[job_id].add(waiter)
         try:
             async with asyncio.timeout(timeout_s):
-                await event.wait()
-            return True
+                await waiter.wait()
+            return waiter.job if waiter.job is not None else True
         except TimeoutError:
             return False
         finally:
             waiters = self._waiters.get(job_id)
             if waiters is not None:
-                waiters.discard(event)
+                waiters.discard(waiter)
                 if not waiters:
                     del self._waiters[job_id]
+
+
+class _Waiter(asyncio.Event):
+    job: Job | None = None
 
 
 # -- the job's events, from JetStream --------------------------------------------------------------------------------

@@ -513,6 +513,7 @@ class Worker:
         async with self.db.session() as session:
             won = await transition(self.runtime, session, job, from_states=from_states, to_state=state, **values)
         if won:
+            self.watcher.notify(job.id, job)
             self.metrics.jobs.labels(job.kind, job.engine, state).inc()
             log.info("job %s %s", job.id, state)
         return won
