@@ -575,3 +575,25 @@ async def test_metrics_count_jobs(ctx: Ctx) -> None:
     text = (await ctx.client.get("/metrics")).text
     assert 'strata_jobs_finished_total{engine="duckdb",kind="query",state="succeeded"}' in text
     assert "strata_job_queue_seconds_bucket" in text
+
+
+async def test_bad_query_parameters_are_422(ctx: Ctx) -> None:
+    job = await ctx.run("SELECT 1 AS x")
+    base = f"/api/v1/jobs/{job['id']}"
+    for path, params in (
+        (base + "/events", {"after": -1}),
+        (base + "/events", {"limit": 0}),
+        (base + "/events", {"limit": 5000}),
+        (base + "/results", {"limit": 0}),
+        (base + "/cancel", {"wait_ms": -1}),
+        ("/api/v1/jobs", {"state": "exploded"}),
+        ("/api/v1/jobs", {"limit": 0}),
+        ("/api/v1/jobs", {"engine": "oracle"}),
+        ("/api/v1/jobs", {"created_after": "yesterday"}),
+    ):
+        method = "POST" if path.endswith("/cancel") else "GET"
+        resp = await ctx.client.request(method, path, params=params, headers=ALICE)
+        assert resp.status_code == 422, (path, params, resp.text)
+        assert resp.json()["error"]["code"] == "VALIDATION_ERROR"
+    huge = await ctx.client.get(base + "/results", params={"limit": 10**6}, headers=ALICE)
+    assert huge.status_code == 200 and len(huge.json()["rows"]) == 1  # bounded by the server's page maximum
