@@ -597,3 +597,32 @@ async def test_bad_query_parameters_are_422(ctx: Ctx) -> None:
         assert resp.json()["error"]["code"] == "VALIDATION_ERROR"
     huge = await ctx.client.get(base + "/results", params={"limit": 10**6}, headers=ALICE)
     assert huge.status_code == 200 and len(huge.json()["rows"]) == 1  # bounded by the server's page maximum
+
+
+@pytest.mark.parametrize(
+    "engine, sql",
+    [
+        ("duckdb", "SELECT count(*) AS n FROM range(3000000000) t WHERE t.range % 7 = 1"),
+        ("clickhouse", "SELECT count() AS n FROM numbers(20000000000) WHERE sipHash64(number) % 7 = 1"),
+    ],
+)
+async def test_a_running_job_reports_the_engines_progress(ctx: Ctx, engine: str, sql: str) -> None:
+    job_id = (await ctx.submit(sql=sql, engine=engine, timeout_s=60)).json()["id"]
+    await ctx.wait_state(job_id, "running")
+
+    async def progressed() -> list[dict[str, Any]] | None:
+        body = (await ctx.client.get(f"/api/v1/jobs/{job_id}/events", headers=ALICE)).json()
+        found = [e for e in body["events"] if e["type"] == "strata.execution.job.progress"]
+        return found if len(found) >= 3 else None
+
+    progress = await eventually(progressed, timeout_s=20)
+    fractions = [e["event"]["data"]["fraction"] for e in progress]
+    assert fractions == sorted(fractions) and 0 < fractions[-1] < 1, fractions
+    assert all(e["event"]["subject"] == job_id for e in progress)
+
+    async def on_the_job() -> float | None:  # the heartbeat writes it on the job too, every two seconds
+        value: float | None = (await ctx.job(job_id))["progress"]
+        return value
+
+    assert 0 < await eventually(on_the_job, timeout_s=10) < 1
+    await ctx.client.post(f"/api/v1/jobs/{job_id}/cancel", params={"wait_ms": 5000}, headers=ALICE)
