@@ -39,7 +39,8 @@ from strata.execution.engines import (
     create_engine,
 )
 from strata.execution.engines.clickhouse import ChdbEngine, ClickHouseServerEngine, analyze_clickhouse, verify_ast
-from strata.execution.engines.duckdb import DuckDBEngine
+from strata.execution.engines.duckdb import _COPY_FROM_ROWS, DuckDBEngine
+from strata.execution.results import read_page
 
 OWNER = "0b7c4a52-7d1e-4bbf-9a38-3c6f3f1f8a11"
 DATASET = "5f0e8a1c-2b8d-4a6e-9a57-0d2b4e6c9f10"
@@ -619,6 +620,266 @@ def test_duckdb_reads_datasets_from_s3(s3_server: str, tmp_path: Path, data: Any
     finally:
         engine.close()
         asyncio.run(storage.close())
+
+
+# ------------------------------------------------------------------------------------------- DuckDB: result writer
+
+
+def writer(path: Path) -> str:
+    """Which Parquet writer made a file: ``DuckDB`` or ``parquet-cpp-arrow`` (pyarrow)."""
+    return str(pq.read_metadata(path).created_by).split(" ", 1)[0]
+
+
+def test_duckdb_writes_large_results_itself_small_ones_with_pyarrow(duck: DuckDBEngine, tmp_path: Path) -> None:
+    """The rule: a query's result of more than _COPY_FROM_ROWS rows is written by DuckDB's COPY, anything less by
+    pyarrow, and so are statements that are not queries, whatever their size."""
+    for rows, expected in [
+        (1000, "parquet-cpp-arrow"),
+        (_COPY_FROM_ROWS, "parquet-cpp-arrow"),
+        (_COPY_FROM_ROWS + 1, "DuckDB"),
+    ]:
+        run_spec = spec(tmp_path, f"SELECT range AS n FROM range({rows})", max_rows=1_000_000)
+        result = duck.start(run_spec).run()
+        assert (result.rows, result.truncated, writer(run_spec.output)) == (rows, False, expected)
+    # truncated to at most _COPY_FROM_ROWS rows: pyarrow, even though the query has more
+    run_spec = spec(tmp_path, "SELECT range AS n FROM range(1000000)", max_rows=1000)
+    result = duck.start(run_spec).run()
+    assert (result.rows, result.truncated, writer(run_spec.output)) == (1000, True, "parquet-cpp-arrow")
+    run_spec = spec(tmp_path, "EXPLAIN ANALYZE SELECT count(*) FROM range(10)", max_rows=1_000_000)
+    duck.start(run_spec).run()
+    assert writer(run_spec.output) == "parquet-cpp-arrow"
+
+
+@pytest.mark.parametrize(
+    ("max_rows", "rows", "truncated"),
+    [(2_000_000, 400_000, False), (400_000, 400_000, False), (399_999, 399_999, True), (250_000, 250_000, True)],
+)
+def test_duckdb_copy_writes_exactly_max_rows_in_order(
+    duck: DuckDBEngine, tmp_path: Path, max_rows: int, rows: int, truncated: bool
+) -> None:
+    sql = "SELECT range AS n, 'row ' || range AS note\nFROM range(400000)\nORDER BY n DESC -- newest first"
+    run_spec = spec(tmp_path, sql, max_rows=max_rows)
+    result = duck.start(run_spec).run()
+    assert (result.rows, result.truncated) == (rows, truncated)
+    assert result.columns == [
+        {"name": "n", "type": "BIGINT", "nullable": True},
+        {"name": "note", "type": "VARCHAR", "nullable": True},
+    ]
+    assert writer(run_spec.output) == "DuckDB"
+    table = pq.read_table(run_spec.output)
+    assert table.column("n").to_pylist() == list(range(399_999, 399_999 - rows, -1))
+    assert table.column("note")[rows - 1].as_py() == f"row {400_000 - rows}"
+    meta = pq.ParquetFile(run_spec.output).metadata
+    assert meta.row_group(0).num_rows == 122_880
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_duckdb_copy_keeps_insertion_order_of_a_dataset(duck: DuckDBEngine, tmp_path: Path, tables: Any) -> None:
+    sql = "SELECT c.id, x.range AS k FROM support_calls AS c, range(300) AS x"  # 300,000 rows, no ORDER BY
+    run_spec = spec(tmp_path, sql, tables, max_rows=1_000_000)
+    con = duckdb.connect()
+    try:
+        direct = sql.replace("support_calls", f"read_parquet('{tables['support_calls'].path}')")
+        expected = con.execute(direct).fetchall()
+    finally:
+        con.close()
+    result = duck.start(run_spec).run()
+    assert (result.rows, writer(run_spec.output)) == (300_000, "DuckDB")
+    table = pq.read_table(run_spec.output)
+    assert list(zip(table.column("id").to_pylist(), table.column("k").to_pylist(), strict=True)) == expected
+
+
+def test_duckdb_copy_binds_parameters(duck: DuckDBEngine, tmp_path: Path) -> None:
+    sql = "SELECT range AS n, $label AS label FROM range(1000000) WHERE range >= $low"
+    run_spec = spec(tmp_path, sql, parameters={"label": "it's", "low": 700_000}, max_rows=1_000_000)
+    result = duck.start(run_spec).run()
+    assert (result.rows, result.truncated, writer(run_spec.output)) == (300_000, False, "DuckDB")
+    table = pq.read_table(run_spec.output)
+    assert table.column("n")[0].as_py() == 700_000
+    assert set(table.column("label").to_pylist()) == {"it's"}
+
+
+async def test_duckdb_copy_and_pyarrow_give_the_same_pages(duck: DuckDBEngine, tmp_path: Path) -> None:
+    """The results service reads the file with pyarrow: the same query, written by each writer, reads back alike."""
+    storage = Storage.from_url(tmp_path.as_uri())
+    select = """
+        SELECT TIMESTAMPTZ '2024-03-01 12:34:56.789+02' + to_seconds(i) AS tstz, TIMESTAMP '2024-03-01 12:00' AS ts,
+               '2024-03-01 12:34:56.123456789'::TIMESTAMP_NS AS ts_ns, DATE '2024-03-01' + (i % 9)::INT AS d,
+               TIME '12:34:56.5' AS t, (i * 0.5)::DECIMAL(12,2) AS dec,
+               '0b7c4a52-7d1e-4bbf-9a38-3c6f3f1f8a11'::UUID AS id, [i, NULL] AS list, {'a': i, 'b': 'x'} AS struct,
+               MAP {'k': i} AS map, (INTERVAL '1 month 2 days')::VARCHAR AS iv,
+               170141183460469231731687303715884105727::HUGEINT AS huge, 18446744073709551615::UBIGINT AS ubig,
+               '\\xAA\\x00'::BLOB AS blob, 'nan'::DOUBLE AS nan, 'é' AS text, i % 2 = 0 AS flag, NULL AS nothing,
+               [{'a': [i], 'm': MAP {1: 'x'}}] AS nested
+        FROM range(200000) t(i)
+    """
+    seen: dict[str, tuple[Any, ...]] = {}
+    for name, sql, offset in [
+        ("DuckDB", select, 199_990),  # 200,000 rows: DuckDB's writer
+        ("parquet-cpp-arrow", f"SELECT * FROM ({select}) OFFSET 199990", 0),  # the same last 10 rows: pyarrow's
+    ]:
+        run_spec = spec(tmp_path, sql, max_rows=1_000_000)
+        result = await asyncio.to_thread(duck.start(run_spec).run)
+        assert writer(run_spec.output) == name
+        page = await read_page(storage, run_spec.output.name, offset=offset, limit=10)
+        seen[name] = (result.columns, page.columns, page.rows)
+    assert seen["DuckDB"] == seen["parquet-cpp-arrow"]
+    assert len(seen["DuckDB"][2]) == 10
+
+
+@pytest.mark.parametrize(
+    ("select", "names"),
+    [
+        ("[1, 2, 3]::INTEGER[3] AS a", ["a"]),  # DuckDB writes a fixed-size list with a NULL row pyarrow cannot read
+        ("('x' || (range % 2))::ENUM('x0', 'x1') AS e", ["e"]),
+        ("'2024-01-01 10:00:00'::TIMESTAMP_S AS s", ["s"]),
+        ("1 AS a, 2 AS A", ["a", "A"]),  # DuckDB's writer would rename the second a_1
+    ],
+)
+def test_duckdb_columns_its_writer_would_change_go_to_pyarrow(
+    duck: DuckDBEngine, tmp_path: Path, select: str, names: list[str]
+) -> None:
+    run_spec = spec(tmp_path, f"SELECT {select} FROM range(300000)", max_rows=1_000_000)
+    result = duck.start(run_spec).run()
+    assert (result.rows, writer(run_spec.output)) == (300_000, "parquet-cpp-arrow")
+    table = pq.read_table(run_spec.output)
+    assert table.schema.names == names == [c["name"] for c in result.columns]
+    assert table.num_rows == 300_000
+
+
+def test_duckdb_copy_replaces_an_existing_output(duck: DuckDBEngine, tmp_path: Path) -> None:
+    run_spec = spec(tmp_path, "SELECT range AS n FROM range(300000)", max_rows=1_000_000)
+    run_spec.output.write_bytes(b"an earlier attempt")
+    result = duck.start(run_spec).run()
+    assert (result.rows, writer(run_spec.output)) == (300_000, "DuckDB")
+    assert not list(tmp_path.glob("tmp_*"))
+
+
+def test_duckdb_copy_reads_the_result_not_a_table_of_the_same_name(
+    duck: DuckDBEngine, tmp_path: Path, data: Any
+) -> None:
+    tables = {"strata_result_stream": resolved("strata_result_stream", data["agents"])}
+    sql = "SELECT s.name, x.range AS k FROM strata_result_stream AS s, range(30000) AS x ORDER BY k, s.agent"
+    run_spec = spec(tmp_path, sql, tables, max_rows=1_000_000)
+    result = duck.start(run_spec).run()
+    assert (result.rows, writer(run_spec.output)) == (210_000, "DuckDB")
+    assert pq.read_table(run_spec.output).slice(0, 2).to_pylist() == [
+        {"name": "agent 0", "k": 0},
+        {"name": "agent 1", "k": 0},
+    ]
+
+
+def test_duckdb_errors_while_copying_are_the_querys(duck: DuckDBEngine, tmp_path: Path) -> None:
+    sql = (
+        "SELECT CASE WHEN range = 3000000 THEN error('boom at three million') ELSE range END AS n\nFROM range(4000000)"
+    )
+    run_spec = spec(tmp_path, sql, max_rows=10_000_000)
+    with pytest.raises(EngineError, match="boom at three million") as caught:
+        duck.start(run_spec).run()
+    assert "strata_result_stream" not in caught.value.message
+    assert not run_spec.output.exists()
+    with pytest.raises(ColumnNotFound) as missing:
+        duck.start(spec(tmp_path, "SELECT range AS n,\n       nope\nFROM range(4000000)", max_rows=10_000_000)).run()
+    assert missing.value.position == (2, 8)
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_duckdb_cancel_and_deadline_stop_the_copy(duck: DuckDBEngine, tmp_path: Path, how: str) -> None:
+    sql = "SELECT a.range AS a, b.range AS b, md5(a.range::VARCHAR) AS h FROM range(100000) a, range(100000) b"
+    timeout_s = 3.0 if how == "deadline" else 60
+    run_spec = spec(tmp_path, sql, max_rows=10_000_000_000, timeout_s=timeout_s)
+    started = time.monotonic()
+    execution, thread, outcome = run_in_thread(duck, run_spec)
+    while time.monotonic() < started + 2.5 and getattr(execution, "_cursor", None) is None:
+        time.sleep(0.01)
+    assert execution._cursor is not None  # DuckDB's writer is at work
+    progress = execution.progress()
+    assert progress is None or 0 <= progress <= 1
+    if how == "cancel":
+        cancelled = time.monotonic()
+        execution.cancel()
+        thread.join(5)
+        assert time.monotonic() - cancelled < 1.0
+    else:
+        thread.join(timeout_s + 5)
+        assert time.monotonic() - started < timeout_s + 1.0
+    assert not thread.is_alive()
+    assert isinstance(outcome[0], Interrupted)
+    assert str(outcome[0]) == (
+        "the query was cancelled" if how == "cancel" else "the query ran longer than its time limit"
+    )
+    assert not run_spec.output.exists()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1) TO '{target}' (FORMAT csv); --",
+        "SELECT 1 AS x) TO '{target}' (FORMAT csv) --",
+        "SELECT 1\n) TO '{target}' (FORMAT csv)\n--",
+        "SELECT * FROM (SELECT 1)) TO '{target}' (FORMAT csv); SELECT (1",
+    ],
+)
+def test_duckdb_a_query_cannot_steer_our_copy(duck: DuckDBEngine, tmp_path: Path, sql: str) -> None:
+    """Our COPY never holds the user's text (it reads the result as Arrow batches); a statement made to close a
+    wrapping parenthesis early is refused by the analysis anyway, and refused when run."""
+    target = tmp_path / "stolen.csv"
+    statement = sql.format(target=target)
+    with pytest.raises((SqlSyntaxError, MultipleStatements)):
+        duck.analyze(statement)
+    with pytest.raises((SqlSyntaxError, MultipleStatements)):
+        duck.start(spec(tmp_path, statement)).run()
+    assert not target.exists()
+
+
+def test_duckdb_copy_text_in_a_query_is_only_text(duck: DuckDBEngine, tmp_path: Path) -> None:
+    target = tmp_path / "stolen.csv"
+    sql = (
+        f"SELECT range AS n, ') TO ''{target}'' (FORMAT csv); --' AS s\n"
+        f"FROM range(300000) -- ) TO '{target}' (FORMAT csv)\n"
+        f"/* ) TO '{target}' (FORMAT csv) */"
+    )
+    run_spec = spec(tmp_path, sql, max_rows=1_000_000)
+    result = duck.start(run_spec).run()
+    assert (result.rows, writer(run_spec.output)) == (300_000, "DuckDB")
+    assert pq.read_table(run_spec.output).slice(0, 1).to_pylist() == [
+        {"n": 0, "s": f") TO '{target}' (FORMAT csv); --"}
+    ]
+    assert not target.exists()
+
+
+def test_duckdb_sandbox_allows_writing_the_output_only(
+    duck: DuckDBEngine, tmp_path: Path, tables: Any, data: Any
+) -> None:
+    """A query's sandbox may write its own output (our COPY does) and nothing next to it; other statements and dry
+    runs may not write at all."""
+    for sql, dry_run, output_allowed in [
+        ("SELECT * FROM support_calls", False, True),
+        ("SELECT * FROM support_calls", True, False),
+        ("DESCRIBE support_calls", False, False),
+    ]:
+        run_spec = spec(tmp_path, sql, tables, dry_run=dry_run)
+        execution = duck.start(run_spec)
+        con = duck._take_connection()
+        try:
+            execution._sandbox(con)
+            copy = f"COPY (SELECT 1 AS x) TO '{run_spec.output}' (FORMAT parquet, USE_TMP_FILE false)"
+            if output_allowed:
+                con.execute(copy).fetchall()
+                assert pq.read_table(run_spec.output).to_pylist() == [{"x": 1}]
+            else:
+                with pytest.raises(duckdb.PermissionException):
+                    con.execute(copy).fetchall()
+            for statement in [
+                f"COPY (SELECT 1) TO '{tmp_path / 'next-to-it.parquet'}' (FORMAT parquet)",
+                f"COPY (SELECT 1) TO '{run_spec.output}.csv' (FORMAT csv)",
+                f"SELECT * FROM read_parquet('{data['secret']}')",
+            ]:
+                with pytest.raises(duckdb.PermissionException):
+                    con.execute(statement).fetchall()
+        finally:
+            con.close()
+    assert not (tmp_path / "next-to-it.parquet").exists()
 
 
 # --------------------------------------------------------------------------------------------------- ClickHouse

@@ -253,6 +253,8 @@ class _Deadlines:
                 callback()
             except Exception:
                 log.exception("a query deadline callback failed")
+            # the callback holds its run and engine: not until the next deadline fires (or for good, at exit)
+            del callback
 
 
 _DEADLINES = _Deadlines()

@@ -3,10 +3,11 @@
 What the sandbox guarantees, and how:
 
 - **Only the run's tables.** Each run gets its own in-memory DuckDB whose file system allow-list
-  (``allowed_paths``) is exactly the resolved dataset files, with ``enable_external_access=false``: every other
-  file, directory, glob, URL and the extension folder is refused by DuckDB itself (``read_csv('/etc/passwd')``,
-  ``COPY ... TO``, ``INSTALL``...). S3 datasets are read through the storage's fsspec filesystem; DuckDB applies the
-  same allow-list to ``s3://`` paths. Each table is a view named as the statement names it (``support_calls``,
+  (``allowed_paths``) is exactly the resolved dataset files (and, for a query, the run's own result file, which
+  our ``COPY`` writes), with ``enable_external_access=false``: every other file, directory, glob, URL and the
+  extension folder is refused by DuckDB itself (``read_csv('/etc/passwd')``, ``COPY ... TO``, ``INSTALL``...).
+  S3 datasets are read through the storage's fsspec filesystem; DuckDB applies the same allow-list to ``s3://``
+  paths. Each table is a view named as the statement names it (``support_calls``,
   ``"<owner id>".support_calls``, ``"<dataset id>"``), so the user's SQL runs unchanged.
 - **No settings, extensions or state.** Extension autoload/autoinstall are off, and ``lock_configuration=true``
   is set last, so ``SET``/``RESET``/``PRAGMA x=y`` fail in the engine even if they got past the analysis.
@@ -21,23 +22,44 @@ Connecting costs ~12 ms (building the database instance), more than a small quer
 fresh, never-used connections ready (made after a run ends, not while one runs: connecting holds the GIL in bursts),
 and closes used ones, so a run pays only the sandbox setup (~1 ms).
 Cancel is ``interrupt()``; progress is ``query_progress()``.
+
+**Writing the result.** The statement streams as Arrow record batches (``to_arrow_reader``: in order, produced in
+parallel, stopped by closing the reader), capped in Python at ``max_rows`` rows; a row beyond them makes the result
+``truncated``. Where the batches go:
+
+- A query's result of more than :data:`_COPY_FROM_ROWS` rows (1.5 row groups) goes on into DuckDB's own Parquet
+  writer, a ``COPY`` of the stream on a cursor of the same database: ~30 % smaller files than pyarrow's writer, and
+  faster (it encodes row groups in parallel). A thread of ours reads the stream a few batches ahead of the writer:
+  read from within DuckDB's scan, the query's own output phase (after a sort, say) and the writer waited for each
+  other, ~10 % slower than pyarrow's writer on a sorted 10M-row result.
+- Anything else is written by pyarrow (:class:`ParquetSink`): a smaller result (DuckDB's writer costs ~1 ms more to
+  start, and encodes one row group more slowly), the output of EXPLAIN, DESCRIBE, SHOW, SUMMARIZE and PRAGMA,
+  and a result with a column DuckDB would write otherwise than pyarrow (:func:`_duckdb_writes`).
+
+Not ``COPY (SELECT * FROM (<user's SQL>) LIMIT n + 1)``: an order-preserving LIMIT of more than 10,000 rows runs on
+one thread in DuckDB (4.8 s for 10M rows, against 2.6 s without the LIMIT), and cutting the extra row means writing
+the file twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
+import queue
 import re
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import duckdb
+import pyarrow as pa  # type: ignore[import-untyped]
 
 from strata.common.storage import FileStorage, Storage
 
@@ -72,9 +94,6 @@ from .common import (
 )
 from .settings import EngineSettings
 
-if TYPE_CHECKING:
-    import pyarrow as pa  # type: ignore[import-untyped]
-
 log = logging.getLogger(__name__)
 
 #: Table functions a statement may call: they make rows, they do not read anything.
@@ -93,6 +112,15 @@ _EXPLAIN_COLUMNS = [
 _NO_LOCATION = 2**64 - 1
 _JSON_ERROR = re.compile(r"^\s*(?P<label>[A-Za-z ]+?) Error: (?P<json>\{.*\})\s*$", re.DOTALL)
 _SPARES = 2
+#: The name the result stream is registered under on the writing cursor (a temporary view of that cursor alone, never
+#: seen by the user's statement). COPY names it in full: a dataset view may have the same name, never three parts.
+_RESULT_STREAM = "strata_result_stream"
+#: No temporary file: it would be another path for the allow-list (``tmp_<name>``, when the output exists already).
+_COPY_OPTIONS = f"FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_SIZE}, USE_TMP_FILE false"
+#: From how many rows DuckDB's writer writes a query's result (pyarrow's below). Measured on a 13-column table of
+#: numbers, short strings and timestamps: pyarrow's writer is faster up to ~160k rows (by ~15 ms at 123k-140k),
+#: DuckDB's from there on (10 % at 200k-245k, 20 % at 10M rows); DuckDB's files are ~30 % smaller throughout.
+_COPY_FROM_ROWS = ROW_GROUP_SIZE * 3 // 2
 
 
 # ----------------------------------------------------------------------------------------------------- analysis
@@ -529,6 +557,145 @@ def _is_json_value(value: Any) -> bool:
     return False
 
 
+# Arrow types that DuckDB's Parquet writer, reading them back from the stream, writes as pyarrow's writer does: pyarrow
+# reads the same type back, values and all. (One difference left: a time zone aware timestamp is labelled ``UTC``
+# instead of the session's zone, ``Etc/UTC`` say; the instants, pages, CSV and JSON are the same.)
+_DUCKDB_WRITES_FLAT: tuple[Callable[[Any], bool], ...] = (
+    pa.types.is_null,
+    pa.types.is_boolean,
+    pa.types.is_integer,
+    pa.types.is_float32,
+    pa.types.is_float64,
+    pa.types.is_decimal128,
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_binary,
+    pa.types.is_large_binary,
+    pa.types.is_date32,
+    pa.types.is_time64,
+)
+
+
+def _duckdb_writes_type(type_: Any) -> bool:
+    if isinstance(type_, pa.BaseExtensionType):
+        return False
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        return _duckdb_writes_type(type_.value_type)
+    if pa.types.is_struct(type_):
+        return type_.num_fields > 0 and all(_duckdb_writes_type(type_.field(i).type) for i in range(type_.num_fields))
+    if pa.types.is_map(type_):
+        return _duckdb_writes_type(type_.key_type) and _duckdb_writes_type(type_.item_type)
+    if pa.types.is_timestamp(type_):
+        return bool(type_.unit != "s")  # DuckDB writes TIMESTAMP_S in microseconds, pyarrow in milliseconds
+    return any(predicate(type_) for predicate in _DUCKDB_WRITES_FLAT)
+
+
+def _duckdb_writes(schema: pa.Schema) -> bool:
+    """Whether DuckDB's Parquet writer may write a result of this schema.
+
+    Not when two columns share a name but for case (DuckDB would rename the second ``a_1``), nor with a type it
+    writes otherwise than pyarrow: a fixed-size ``ARRAY`` (with a NULL row, a file pyarrow cannot read), ``INTERVAL``
+    (12 raw bytes pyarrow reads as a blob; pyarrow's writer refuses it), ``UNION`` (a struct; pyarrow refuses it),
+    an empty struct, an ``ENUM`` (plain text; pyarrow keeps the dictionary), ``TIMESTAMP_S``, or an extension type
+    (``BIGNUM``: text; pyarrow writes the bytes).
+    """
+    names = [name.lower() for name in schema.names]
+    return len(set(names)) == len(names) and all(_duckdb_writes_type(f.type) for f in schema)
+
+
+_END = object()
+_FAILED = object()
+
+
+class _ReadAhead:
+    """Iterates ``batches`` in a thread of its own, up to ``depth`` batches ahead of the consumer.
+
+    The consumer gets what reading raised, in order; :meth:`take_error` gives it back too, because DuckDB's writer,
+    which consumes the batches in its own threads, reports a failure there as an error of its own (with the original
+    only in its message). :meth:`close` stops the thread and waits for it; call it before closing what ``batches``
+    reads (a reader must not be closed while another thread reads it).
+    """
+
+    _PUT_WAIT_S = 0.05
+
+    def __init__(self, batches: Iterator[pa.RecordBatch], *, depth: int = 2) -> None:
+        self._batches = batches
+        self._queue: queue.Queue[object] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._pump, name="strata-duckdb-result", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if item is _FAILED:
+                raise self._error if self._error is not None else RuntimeError("reading the result failed")
+            yield item
+
+    def take_error(self) -> BaseException | None:
+        """What reading the batches raised, if it did; forgotten here (the error's traceback holds this object)."""
+        error, self._error = self._error, None
+        return error
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=self._PUT_WAIT_S)  # make room for a put that waits
+        self._thread.join()
+
+    def _pump(self) -> None:
+        try:
+            for batch in self._batches:
+                if not self._put(batch):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._error = exc
+            self._put(_FAILED)
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=self._PUT_WAIT_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+class _Capped:
+    """The first ``max_rows`` rows of a record batch stream, as an iterator of batches.
+
+    ``truncated`` once a row beyond them arrived (reading stops there); ``check`` runs before each batch (cancel).
+    """
+
+    def __init__(self, reader: pa.RecordBatchReader, *, max_rows: int, check: Callable[[], None]) -> None:
+        self._reader = reader
+        self._room = max(0, max_rows)
+        self._check = check
+        self.rows = 0
+        self.truncated = False
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        for batch in self._reader:
+            self._check()
+            if batch.num_rows == 0:
+                continue
+            if batch.num_rows > self._room:
+                self.truncated = True
+                if self._room:
+                    self.rows += self._room
+                    yield batch.slice(0, self._room)
+                return
+            self._room -= batch.num_rows
+            self.rows += batch.num_rows
+            yield batch
+
+
 class DuckDBExecution(CancellableExecution):
     def __init__(self, engine: DuckDBEngine, spec: RunSpec, statement: _Statement) -> None:
         super().__init__()
@@ -536,6 +703,7 @@ class DuckDBExecution(CancellableExecution):
         self._spec = spec
         self._statement = statement
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._cursor: duckdb.DuckDBPyConnection | None = None  # the one writing the result with COPY
         replacements = dict(engine._scrub_roots)
         for ref in reversed([t.ref for t in statement.tables if t.ref in spec.tables]):
             replacements[spec.tables[ref].path] = ref  # the first name the statement gives a file wins
@@ -548,6 +716,8 @@ class DuckDBExecution(CancellableExecution):
         with self._lock:
             if self._con is not None:
                 self._con.interrupt()
+            if self._cursor is not None:
+                self._cursor.interrupt()
 
     def progress(self) -> float | None:
         with self._lock:
@@ -605,6 +775,49 @@ class DuckDBExecution(CancellableExecution):
             return self._dry_run(con, params, setup_ms, started)
         rel = con.sql(spec.sql, params=params)
         columns = [{"name": n, "type": str(t), "nullable": True} for n, t in zip(rel.columns, rel.types, strict=True)]
+        try:
+            reader = rel.to_arrow_reader(ROW_GROUP_SIZE)
+            try:
+                rows, truncated = self._write(con, reader)
+            finally:
+                reader.close()
+        except OSError as exc:
+            # errors raised while the Arrow stream is read arrive as OSError carrying DuckDB's message
+            spec.output.unlink(missing_ok=True)
+            if _JSON_ERROR.match(str(exc)):
+                raise self._error(exc) from None
+            raise
+        except BaseException:
+            spec.output.unlink(missing_ok=True)
+            raise
+        elapsed = (time.perf_counter() - started) * 1000
+        return RunResult(
+            rows=rows,
+            columns=columns,
+            truncated=truncated,
+            stats={"elapsed_ms": round(elapsed, 2), "setup_ms": round(setup_ms, 2)},
+        )
+
+    def _write(self, con: duckdb.DuckDBPyConnection, reader: pa.RecordBatchReader) -> tuple[int, bool]:
+        """Write the first ``max_rows`` rows of ``reader`` to the output: (rows written, whether there were more).
+
+        A query's result of more than :data:`_COPY_FROM_ROWS` rows goes to DuckDB's writer, anything else to
+        pyarrow's (see the module's docstring): batches are read ahead until there are more rows, or the end.
+        """
+        spec, stmt = self._spec, self._statement
+        capped = _Capped(reader, max_rows=spec.max_rows, check=self._check_cancelled)
+        batches = iter(capped)
+        head: list[pa.RecordBatch] = []
+        if stmt.kind == "select":
+            held = 0
+            for batch in batches:
+                head.append(batch)
+                held += batch.num_rows
+                if held > _COPY_FROM_ROWS:
+                    if not _duckdb_writes(reader.schema):
+                        break
+                    written = self._copy(con, reader.schema, itertools.chain(head, batches))
+                    return written, capped.truncated
         transform = None
         if stmt.kind == "explain":
             replacements = self._replacements
@@ -614,34 +827,48 @@ class DuckDBExecution(CancellableExecution):
 
         sink = ParquetSink(spec.output, max_rows=spec.max_rows, transform=transform)
         try:
-            reader = rel.to_arrow_reader(ROW_GROUP_SIZE)
-            try:
-                self._stream(reader, sink)
-            finally:
-                reader.close()
+            for batch in itertools.chain(head, batches):
+                sink.add(batch)
             sink.finish(reader.schema)
-        except OSError as exc:
-            # errors raised while the Arrow stream is read arrive as OSError carrying DuckDB's message
-            sink.abort()
-            if _JSON_ERROR.match(str(exc)):
-                raise self._error(exc) from None
-            raise
         except BaseException:
             sink.abort()
             raise
-        elapsed = (time.perf_counter() - started) * 1000
-        return RunResult(
-            rows=sink.rows,
-            columns=columns,
-            truncated=sink.truncated,
-            stats={"elapsed_ms": round(elapsed, 2), "setup_ms": round(setup_ms, 2)},
-        )
+        return sink.rows, capped.truncated
 
-    def _stream(self, reader: pa.RecordBatchReader, sink: ParquetSink) -> None:
-        for batch in reader:
-            if not sink.add(batch):
-                return
-            self._check_cancelled()
+    def _copy(self, con: duckdb.DuckDBPyConnection, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> int:
+        """Write ``batches`` with DuckDB's ``COPY``, on a cursor (the connection itself is busy streaming them).
+
+        The statement is ours alone: the user's SQL ran on the connection and arrives here as Arrow batches.
+        """
+        cursor = con.cursor()
+        with self._lock:
+            self._cursor = cursor
+        ahead: _ReadAhead | None = None
+        written: list[tuple[Any, ...]] | None = None
+        try:
+            self._check_cancelled()  # a cancel that came before the cursor could be interrupted
+            ahead = _ReadAhead(batches)
+            cursor.register(_RESULT_STREAM, pa.RecordBatchReader.from_batches(schema, iter(ahead)))
+            target = _literal(str(self._spec.output))
+            written = cursor.execute(f"COPY temp.main.{_RESULT_STREAM} TO {target} ({_COPY_OPTIONS})").fetchall()
+        except duckdb.Error:
+            error = ahead.take_error() if ahead is not None else None
+            if error is None:
+                raise
+            # the stream failed (the query's own error, or a cancel): that is the error, not the writer's report
+            try:
+                raise error from None
+            finally:
+                error = None  # the traceback holds this frame: no cycle through it
+        finally:
+            with self._lock:
+                self._cursor = None
+            if ahead is not None:
+                if written is None:
+                    con.interrupt()  # the writer failed: do not wait for the query's next batch
+                ahead.close()
+            cursor.close()
+        return int(written[0][0])
 
     def _dry_run(
         self, con: duckdb.DuckDBPyConnection, params: dict[str, Any] | None, setup_ms: float, started: float
@@ -682,8 +909,11 @@ class DuckDBExecution(CancellableExecution):
         tables = {t.ref: (t.parts, spec.tables[t.ref].path) for t in stmt.tables}
         if any(path.startswith("s3://") for _, path in tables.values()):
             self._engine.storage.register_with_duckdb(con)
+        paths = {path for _, path in tables.values()}
+        if stmt.kind == "select" and not spec.dry_run:
+            paths.add(str(spec.output))  # DuckDB's own writer may write the result (see _write)
         # allowed_paths is refused at connect ("before the database is started") and after external access is off
-        con.execute("SET allowed_paths = $paths", {"paths": sorted({path for _, path in tables.values()})})
+        con.execute("SET allowed_paths = $paths", {"paths": sorted(paths)})
         con.execute("SET enable_external_access = false")
         created: dict[tuple[str, ...], str] = {}
         for parts, path in tables.values():
