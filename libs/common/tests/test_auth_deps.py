@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from fastapi import APIRouter, Depends
 from pydantic_settings import SettingsConfigDict
@@ -106,3 +106,28 @@ async def test_verified_tokens_are_cached_until_the_keys_change() -> None:
     else:
         raise AssertionError("a token signed by a retired key was still accepted from the cache")
     assert (await verifier.verify(second.token())).user_id == "user-1"
+
+
+async def test_the_first_requests_wait_for_an_auth_service_that_is_still_starting() -> None:
+    """A service that started with auth: the first JWKS fetch found no responder; a token arriving a moment later is
+    verified once auth answers, instead of being refused as signed by an unknown key."""
+    from strata.common.auth import TokenVerifier
+    from strata.common.errors import ServiceUnavailable
+
+    tokens = TokenFactory()
+    calls = 0
+
+    async def jwks() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise ServiceUnavailable("The auth service is not available.")
+        return tokens.jwks()
+
+    async def no_api_keys(key: str) -> Identity:
+        raise AssertionError("not an API key")
+
+    verifier = TokenVerifier(jwks_source=jwks, api_key_source=no_api_keys, issuer="strata", audience="strata-api")
+    assert not await verifier.refresh_keys()  # at start-up: auth not there yet
+    identity = await verifier.verify(tokens.token(user_id="u-1", role="analyst"))
+    assert identity.user_id == "u-1" and calls == 3

@@ -36,6 +36,12 @@ JwksSource = Callable[[], Awaitable[dict[str, Any]]]
 ApiKeySource = Callable[[str], Awaitable[Identity]]
 
 
+#: After a failed or empty JWKS fetch, the next may come this soon (the auth service may be starting).
+FAILED_FETCH_RETRY_S = 0.25
+#: How long a request waits for the first keys before it is refused (a service that starts with the auth service).
+STARTUP_KEY_WAIT_S = 3.0
+
+
 class InvalidToken(Unauthorized):
     code = "INVALID_TOKEN"
     default_message = "The access token is not valid."
@@ -109,13 +115,14 @@ class TokenVerifier:
         return self._jwks
 
     async def refresh_keys(self, *, force: bool = False) -> bool:
-        """Fetch the JWKS, at most once per ``min_refresh_interval_s`` after a good answer and once a second after
-        a failed or empty one (the auth service may still be starting). True if keys were loaded."""
+        """Fetch the JWKS, at most once per ``min_refresh_interval_s`` after a good answer and every
+        ``FAILED_FETCH_RETRY_S`` after a failed or empty one (the auth service may still be starting). True if keys
+        were loaded."""
         async with self._refresh_lock:
             now = time.monotonic()
             if not force and now < self._next_attempt:
                 return False
-            self._next_attempt = now + 1.0
+            self._next_attempt = now + FAILED_FETCH_RETRY_S
             try:
                 jwks = await self.jwks_source()
             except StrataError as exc:
@@ -174,6 +181,14 @@ class TokenVerifier:
         key = self._keys.get(kid)
         if key is None and await self.refresh_keys():
             key = self._keys.get(kid)
+        if key is None and not self._keys:
+            # No keys yet: the auth service may still be starting (its first answer was "no responders" a moment
+            # ago). Wait for it briefly rather than refuse the first requests that race it.
+            deadline = time.monotonic() + STARTUP_KEY_WAIT_S
+            while key is None and time.monotonic() < deadline:
+                await asyncio.sleep(max(self._next_attempt - time.monotonic(), 0.05))
+                if await self.refresh_keys():
+                    key = self._keys.get(kid)
         if key is None:
             raise InvalidToken("The access token was signed by an unknown key.")
         try:
