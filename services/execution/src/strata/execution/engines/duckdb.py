@@ -500,6 +500,9 @@ class DuckDBEngine(Engine):
                 "errors_as_json": True,
                 # its own spill folder: DuckDB names its temporary files per process, not per database
                 "temp_directory": str(self._tmp_root / uuid.uuid4().hex),
+                # no asynchronous writes: a COPY that fails or is interrupted while they are in flight can hang for
+                # good (its abort waits for a write task that waits for the abort's lock); none slower without them
+                "async_threads": 0,
             },
         )
         con.execute("SET enable_progress_bar = true")
