@@ -45,6 +45,8 @@ def connect(threads: int = 2, memory_limit: str = "1GB") -> duckdb.DuckDBPyConne
             "autoload_known_extensions": False,
             "threads": threads,
             "memory_limit": memory_limit,
+            # a COPY that fails mid-way can hang for good with asynchronous writes in flight (docs/pitfalls.md)
+            "async_threads": 0,
         }
     )
 
