@@ -23,7 +23,7 @@ from strata.common.storage import Storage
 
 from . import jobs, results
 from .config import Settings
-from .engines.base import Engine, QueryError, RunSpec
+from .engines.base import Analysis, Engine, QueryError, RunSpec
 from .examples import EXAMPLES
 from .jobs import JobFinished, JobWatcher, QueryRejected, ResultsExpired, ResultsNotAvailable
 from .models import Job
@@ -48,7 +48,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def _analyze(engine: Engine, sql: str):  # type: ignore[no-untyped-def]
+def _analyze(engine: Engine, sql: str) -> Analysis:
     try:
         return engine.analyze(sql)
     except QueryError as exc:
@@ -118,7 +118,7 @@ async def _wait(job_id: str, wait_s: float, runtime: RuntimeDep, services: Servi
             return woken  # as this replica's worker committed it: no need to read it back
 
 
-async def _dry_run(engine: Engine, body: QueryIn, analysis: Any, tables: dict[str, ResolvedTable]) -> JSONResponse:
+async def _dry_run(engine: Engine, body: QueryIn, analysis: Analysis, tables: dict[str, ResolvedTable]) -> JSONResponse:
     with tempfile.TemporaryDirectory(prefix="strata-dry-") as tmp:
         spec = RunSpec(
             query_id="dry-run",

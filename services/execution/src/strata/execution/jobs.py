@@ -40,7 +40,7 @@ from strata.common.events import EVENTS_STREAM, CloudEvent, source_of
 from strata.common.pagination import decode_cursor, encode_cursor
 
 from .config import Settings
-from .engines.base import Analysis, QueryError, TableNotFound
+from .engines.base import Analysis, ParameterError, QueryError, TableNotFound
 from .models import Job
 from .schemas import JobError, JobEventOut, JobEventsOut, JobOut, QueryIn, ResultInfo
 
@@ -270,8 +270,6 @@ async def resolve_tables(runtime: Runtime, identity: Identity, analysis: Analysi
 
 
 def check_parameters(analysis: Analysis, given: dict[str, Any]) -> None:
-    from .engines.base import ParameterError
-
     missing = [p for p in analysis.parameters if p not in given]
     unused = [p for p in given if p not in analysis.parameters]
     if missing:
@@ -333,7 +331,7 @@ class JobWatcher:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._waiters: dict[str, set[_Waiter]] = defaultdict(set)
-        self._sub: Any = None
+        self._subs: list[Any] = []
 
     async def start(self) -> None:
         self.runtime.bus.on_connect(self._subscribe)
@@ -341,18 +339,17 @@ class JobWatcher:
             await self._subscribe()
 
     async def _subscribe(self) -> None:
-        if self._sub is None:  # core subscriptions survive reconnects on their own
-            self._sub = await self.runtime.bus.nc.subscribe(f"{JOB_EVENT_PREFIX}.*.*", cb=self._on_event)
+        if not self._subs:  # core subscriptions survive reconnects on their own; progress events are not wanted
+            nc = self.runtime.bus.nc
+            self._subs = [await nc.subscribe(f"{JOB_EVENT_PREFIX}.{s}.*", cb=self._on_event) for s in FINAL_STATES]
 
     async def stop(self) -> None:
-        if self._sub is not None:
+        for sub in self._subs:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
 
     async def _on_event(self, msg: Any) -> None:
-        parts = msg.subject.split(".")
-        if len(parts) == 5 and parts[3] in FINAL_STATES:
-            self.notify(parts[4])
+        self.notify(msg.subject.rsplit(".", 1)[-1])
 
     def notify(self, job_id: str, job: Job | None = None) -> None:
         """Wake the waiters of ``job_id``; ``job`` is the ended job as this replica's worker left it (saves a read)."""
