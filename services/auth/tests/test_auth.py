@@ -22,6 +22,7 @@ from strata.auth import security
 from strata.auth.app import create_app
 from strata.auth.config import Settings
 from strata.auth.models import Outbox, RefreshToken, SigningKey, User
+from strata.common.contracts.realtime import ACCESS_COOKIE, WS_PATH
 from strata.common.testing import app_client
 
 ADMIN_EMAIL = "root@example.com"
@@ -249,20 +250,31 @@ async def test_refresh_bad_input(auth_sqlite: Auth) -> None:
     assert_error(resp, 422, "VALIDATION_ERROR")
 
 
+def set_cookies(resp: httpx.Response) -> dict[str, str]:
+    """Each ``Set-Cookie`` of a response by cookie name (the whole header: value and attributes)."""
+    return {h.split("=", 1)[0]: h for h in resp.headers.get_list("set-cookie")}
+
+
+def cookie_value(header: str) -> str:
+    return header.split(";")[0].split("=", 1)[1]
+
+
 async def test_refresh_cookie_flow_and_logout(auth_sqlite: Auth) -> None:
     client = auth_sqlite.client
     resp = await client.post(
         "/api/v1/auth/token?refresh_cookie=true", data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
     )
     assert resp.status_code == 200 and resp.json()["refresh_token"] is None
-    cookie = resp.headers["set-cookie"]
+    cookies = set_cookies(resp)
+    assert set(cookies) == {"strata_refresh", ACCESS_COOKIE}
+    cookie = cookies["strata_refresh"]
     assert "HttpOnly" in cookie and "Secure" in cookie and "SameSite=strict" in cookie and "Path=/api/v1/auth" in cookie
-    token = cookie.split(";")[0].split("=", 1)[1]
+    token = cookie_value(cookie)
     # As a browser would: the cookie is sent back (the test client is plain HTTP, so set it by hand).
     client.cookies.set("strata_refresh", token)
     again = await client.post("/api/v1/auth/refresh")
     assert again.status_code == 200 and again.json()["refresh_token"] is None
-    new_cookie = again.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+    new_cookie = cookie_value(set_cookies(again)["strata_refresh"])
     client.cookies.set("strata_refresh", new_cookie)
     out = await client.post("/api/v1/auth/logout")
     assert out.status_code == 204 and "strata_refresh=" in out.headers["set-cookie"]
@@ -271,6 +283,55 @@ async def test_refresh_cookie_flow_and_logout(auth_sqlite: Auth) -> None:
     client.cookies.clear()
     # Logging out twice, or with nothing, is fine and says nothing.
     assert (await client.post("/api/v1/auth/logout")).status_code == 204
+
+
+def assert_access_cookie(header: str, access_token: str, expires_in: int) -> None:
+    attributes = {a.strip().split("=", 1)[0].lower(): a.strip() for a in header.split(";")[1:]}
+    assert cookie_value(header) == access_token
+    assert attributes["path"] == f"Path={WS_PATH}" and attributes["max-age"] == f"Max-Age={expires_in}"
+    assert {"httponly", "secure"} <= set(attributes) and attributes["samesite"] == "SameSite=strict"
+
+
+async def test_cookie_sign_in_sets_the_access_cookie_for_the_websocket(auth_sqlite: Auth) -> None:
+    client = auth_sqlite.client
+    form = {"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
+    resp = await client.post("/api/v1/auth/token?refresh_cookie=true", data=form)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["expires_in"] == 60
+    assert_access_cookie(set_cookies(resp)[ACCESS_COOKIE], body["access_token"], body["expires_in"])
+    # The cookie's token is a working access token.
+    me = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert me.status_code == 200 and me.json()["email"] == ADMIN_EMAIL
+
+    # A refresh with the cookie renews both cookies, with the new access token.
+    client.cookies.set("strata_refresh", cookie_value(set_cookies(resp)["strata_refresh"]))
+    again = await client.post("/api/v1/auth/refresh")
+    assert again.status_code == 200, again.text
+    renewed = again.json()
+    assert renewed["access_token"] != body["access_token"]
+    assert_access_cookie(set_cookies(again)[ACCESS_COOKIE], renewed["access_token"], renewed["expires_in"])
+
+    # Logout clears it, at the same path (else the browser keeps it).
+    client.cookies.set("strata_refresh", cookie_value(set_cookies(again)["strata_refresh"]))
+    out = await client.post("/api/v1/auth/logout")
+    assert out.status_code == 204
+    cleared = set_cookies(out)[ACCESS_COOKIE]
+    assert cookie_value(cleared) in ("", '""') and "Max-Age=0" in cleared and f"Path={WS_PATH}" in cleared
+
+
+async def test_no_access_cookie_without_cookie_mode(auth_sqlite: Auth) -> None:
+    client = auth_sqlite.client
+    form = {"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
+    for query in ("", "?refresh_cookie=false"):
+        resp = await client.post(f"/api/v1/auth/token{query}", data=form)
+        assert resp.status_code == 200 and resp.json()["refresh_token"]
+        assert set_cookies(resp) == {}
+    # A refresh with the token in the body stays in body mode, even if a refresh cookie is also sent.
+    client.cookies.set("strata_refresh", "stale")
+    again = await client.post("/api/v1/auth/refresh", json={"refresh_token": resp.json()["refresh_token"]})
+    assert again.status_code == 200 and again.json()["refresh_token"]
+    assert set_cookies(again) == {}
 
 
 # -- users -----------------------------------------------------------------------------------------------------------

@@ -22,9 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import xlsxwriter
+from pydantic import BaseModel, ConfigDict
 
 from strata.common.contracts.auth import Role
 from strata.common.contracts.datasets import ResolveRequest, ResolveResponse
+from strata.common.contracts.realtime import ReadCheck, ReadVerdict, SharedWith, SharedWithRequest
+from strata.common.errors import RemoteError
+from strata.common.rpc import RpcClient
 from strata.common.testing import TokenFactory, app_client
 from strata.datasets.app import create_app
 from strata.datasets.config import Settings
@@ -33,8 +37,11 @@ TOKENS = TokenFactory()
 OWNER = TOKENS.headers(user_id="11111111-1111-1111-1111-111111111111", role="analyst", ttl_s=3600)
 OTHER = TOKENS.headers(user_id="22222222-2222-2222-2222-222222222222", role="analyst", ttl_s=3600)
 VIEWER = TOKENS.headers(user_id="33333333-3333-3333-3333-333333333333", role="viewer", ttl_s=3600)
+ADMIN = TOKENS.headers(user_id="44444444-4444-4444-4444-444444444444", role="admin", ttl_s=3600)
 OWNER_ID = "11111111-1111-1111-1111-111111111111"
 OTHER_ID = "22222222-2222-2222-2222-222222222222"
+VIEWER_ID = "33333333-3333-3333-3333-333333333333"
+ADMIN_ID = "44444444-4444-4444-4444-444444444444"
 
 
 def calls_csv(n: int = 500) -> bytes:
@@ -369,6 +376,123 @@ async def test_resolve_over_nats(ctx: Ctx, bus: Any) -> None:
     assert theirs.tables == [] and len(theirs.missing) == 2
 
 
+class RawRequest(BaseModel):
+    """Any JSON object, to send what the real request models would refuse to build."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+@pytest.mark.parametrize("ctx", ["local"], indirect=True)  # the subject is who may read, not where the files are
+async def test_can_read_over_nats_agrees_with_the_api(ctx: Ctx, bus: Any) -> None:
+    """``rpc.datasets.can_read`` (the WebSocket's ``dataset:<id>`` channel) answers as ``GET /datasets/{id}`` does."""
+    created = (await ctx.upload("calls.csv", calls_csv(10), name="calls")).json()
+    await ctx.wait(created["id"])
+    dataset_id, base = created["id"], f"/api/v1/datasets/{created['id']}"
+    client = RpcClient(bus)
+
+    async def verdict(user_id: str, role: Role, resource_id: str = dataset_id) -> ReadVerdict:
+        check = ReadCheck(user_id=user_id, role=role, resource_id=resource_id)
+        return await client.call("datasets", "can_read", check, ReadVerdict, timeout_s=5)
+
+    async def api_status(headers: dict[str, str]) -> int:
+        return (await ctx.client.get(base, headers=headers)).status_code
+
+    readable = ReadVerdict(readable=True, owner_id=OWNER_ID)
+    refused = ReadVerdict(readable=False)
+    assert await verdict(OWNER_ID, Role.analyst) == readable
+    assert await verdict(ADMIN_ID, Role.admin) == readable and await api_status(ADMIN) == 200
+    assert await verdict(OTHER_ID, Role.analyst) == refused and await api_status(OTHER) == 404
+    assert await verdict(VIEWER_ID, Role.viewer) == refused and await api_status(VIEWER) == 404
+
+    to_other = await ctx.client.post(base + "/shares", headers=OWNER, json={"user_id": OTHER_ID, "permission": "read"})
+    assert to_other.status_code == 201, to_other.text
+    assert await verdict(OTHER_ID, Role.analyst) == readable and await api_status(OTHER) == 200
+    # A role share reaches that role and stronger ones: a viewer share reaches analysts, an analyst share not viewers.
+    await ctx.client.post(base + "/shares", headers=OWNER, json={"role": "analyst", "permission": "read"})
+    assert await verdict(VIEWER_ID, Role.viewer) == refused and await api_status(VIEWER) == 404
+    assert await verdict("55555555-5555-5555-5555-555555555555", Role.analyst) == readable
+    to_viewers = await ctx.client.post(base + "/shares", headers=OWNER, json={"role": "viewer", "permission": "read"})
+    assert await verdict(VIEWER_ID, Role.viewer) == readable and await api_status(VIEWER) == 200
+    # Removing a share takes the access away (the gateway asks again then).
+    removed = await ctx.client.delete(f"{base}/shares/{to_viewers.json()['id']}", headers=OWNER)
+    assert removed.status_code == 204
+    assert await verdict(VIEWER_ID, Role.viewer) == refused and await api_status(VIEWER) == 404
+
+    for unknown in ("not-a-uuid", str(uuid.uuid4()), "x" * 64):
+        assert await verdict(OWNER_ID, Role.analyst, unknown) == refused
+        assert await verdict(ADMIN_ID, Role.admin, unknown) == refused
+    assert (await ctx.client.delete(base, headers=OWNER)).status_code == 204
+    for user_id, role in ((OWNER_ID, Role.analyst), (OTHER_ID, Role.analyst), (ADMIN_ID, Role.admin)):
+        assert await verdict(user_id, role) == refused  # deleted
+
+    for bad in (
+        RawRequest(user_id=OWNER_ID, resource_id=dataset_id),
+        RawRequest(user_id=OWNER_ID, role="superuser", resource_id=dataset_id),
+        RawRequest(user_id=OWNER_ID, role="analyst", resource_id=""),
+    ):
+        with pytest.raises(RemoteError) as caught:
+            await client.call("datasets", "can_read", bad, ReadVerdict, timeout_s=5)
+        assert caught.value.status == 422 and caught.value.code == "VALIDATION_ERROR", caught.value
+
+
+@pytest.mark.parametrize("ctx", ["local"], indirect=True)
+async def test_shared_with_over_nats(ctx: Ctx, bus: Any) -> None:
+    """``rpc.datasets.shared_with`` (the WebSocket's ``user`` channel): what is shared with the user or a role they
+    hold or exceed, never their own or deleted ones, by id, at most ``limit``."""
+    ids: dict[str, str] = {}
+    for name, headers in (
+        ("to_other", OWNER),
+        ("to_viewers", OWNER),
+        ("to_admins", OWNER),
+        ("deleted", OWNER),
+        ("private", OWNER),
+        ("others_own", OTHER),
+    ):
+        ids[name] = (await ctx.upload("calls.csv", calls_csv(5), headers=headers, name=name)).json()["id"]
+    for name, dataset_id in ids.items():
+        await ctx.wait(dataset_id, headers=OTHER if name == "others_own" else OWNER)
+    shares = [
+        ("to_other", OWNER, {"user_id": OTHER_ID}),
+        ("to_viewers", OWNER, {"role": "viewer"}),
+        ("to_admins", OWNER, {"role": "admin"}),
+        ("deleted", OWNER, {"user_id": OTHER_ID}),
+        ("others_own", OTHER, {"role": "analyst"}),  # reaches its owner's role: still not "shared with" them
+    ]
+    for name, headers, grantee in shares:
+        resp = await ctx.client.post(
+            f"/api/v1/datasets/{ids[name]}/shares", headers=headers, json={**grantee, "permission": "read"}
+        )
+        assert resp.status_code == 201, resp.text
+    assert (await ctx.client.delete(f"/api/v1/datasets/{ids['deleted']}", headers=OWNER)).status_code == 204
+    client = RpcClient(bus)
+
+    async def shared(user_id: str, role: Role, **extra: int) -> SharedWith:
+        request = SharedWithRequest(user_id=user_id, role=role, **extra)
+        return await client.call("datasets", "shared_with", request, SharedWith, timeout_s=5)
+
+    expected = sorted([ids["to_other"], ids["to_viewers"]])
+    assert await shared(OTHER_ID, Role.analyst) == SharedWith(dataset_ids=expected, truncated=False)
+    assert await shared(VIEWER_ID, Role.viewer) == SharedWith(dataset_ids=[ids["to_viewers"]])
+    assert await shared(OWNER_ID, Role.analyst) == SharedWith(dataset_ids=[ids["others_own"]])
+    admin = await shared(ADMIN_ID, Role.admin)
+    assert admin.dataset_ids == sorted([ids["to_viewers"], ids["to_admins"], ids["others_own"]])
+    assert await shared(OTHER_ID, Role.analyst, limit=1) == SharedWith(dataset_ids=expected[:1], truncated=True)
+    assert await shared(OTHER_ID, Role.analyst, limit=2) == SharedWith(dataset_ids=expected, truncated=False)
+    # The API lists the same shared datasets (and the user's own).
+    listed = (await ctx.client.get("/api/v1/datasets", headers=OTHER)).json()["data"]
+    assert sorted(d["id"] for d in listed if d["permission"] != "owner") == expected
+
+    for bad in (
+        RawRequest(user_id=OTHER_ID),
+        RawRequest(user_id=OTHER_ID, role="superuser"),
+        RawRequest(user_id=OTHER_ID, role="analyst", limit=0),
+        RawRequest(user_id=OTHER_ID, role="analyst", limit=10_001),
+    ):
+        with pytest.raises(RemoteError) as caught:
+            await client.call("datasets", "shared_with", bad, SharedWith, timeout_s=5)
+        assert caught.value.status == 422 and caught.value.code == "VALIDATION_ERROR", caught.value
+
+
 async def test_presigned_upload_straight_to_storage(ctx: Ctx) -> None:
     data = calls_csv(50)
     begin = await ctx.client.post(
@@ -454,7 +578,7 @@ async def test_ingestion_publishes_progress_and_state_events(ctx: Ctx, bus: Any)
     await ctx.wait(created["id"])
 
     async def events(subject: str) -> list[CloudEvent]:
-        msgs = await stream_messages(bus.js, subject)
+        msgs = await stream_messages(bus.js, f"{subject}.>")
         found = [CloudEvent.model_validate_json(m.data) for m in msgs]
         return [e for e in found if e.data.get("dataset_id") == created["id"]]
 

@@ -26,12 +26,16 @@ import httpx
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import update
 
+from strata.common.contracts.auth import Role
 from strata.common.contracts.datasets import ResolvedTable, ResolveRequest, ResolveResponse
+from strata.common.contracts.realtime import ReadCheck, ReadVerdict
 from strata.common.db import utcnow
+from strata.common.errors import RemoteError
 from strata.common.events import Bus
-from strata.common.rpc import RpcServer
+from strata.common.rpc import RpcClient, RpcServer
 from strata.common.testing import TokenFactory, app_client, eventually
 from strata.execution.app import create_app
 from strata.execution.config import Settings
@@ -42,8 +46,10 @@ ALICE_ID = "11111111-1111-1111-1111-111111111111"
 BOB_ID = "22222222-2222-2222-2222-222222222222"
 ALICE = TOKENS.headers(user_id=ALICE_ID, role="analyst", ttl_s=3600)
 BOB = TOKENS.headers(user_id=BOB_ID, role="analyst", ttl_s=3600)
-VIEWER = TOKENS.headers(user_id="33333333-3333-3333-3333-333333333333", role="viewer", ttl_s=3600)
-ADMIN = TOKENS.headers(user_id="44444444-4444-4444-4444-444444444444", role="admin", ttl_s=3600)
+VIEWER_ID = "33333333-3333-3333-3333-333333333333"
+ADMIN_ID = "44444444-4444-4444-4444-444444444444"
+VIEWER = TOKENS.headers(user_id=VIEWER_ID, role="viewer", ttl_s=3600)
+ADMIN = TOKENS.headers(user_id=ADMIN_ID, role="admin", ttl_s=3600)
 CALLS_ID = "aaaaaaaa-0000-0000-0000-000000000001"
 SECRET_ID = "bbbbbbbb-0000-0000-0000-000000000002"
 # Long enough to be stopped mid-way on any machine (10^10 rows), light on memory.
@@ -568,6 +574,48 @@ async def test_nobody_reads_another_users_job(ctx: Ctx) -> None:
     assert (await ctx.client.get(f"/api/v1/jobs/{job['id']}", headers=ADMIN)).status_code == 200
     assert (await ctx.client.get("/api/v1/jobs/not-a-uuid", headers=ALICE)).status_code == 404
     assert (await ctx.client.get(f"/api/v1/jobs/{uuid.uuid4()}", headers=ALICE)).status_code == 404
+
+
+class RawRequest(BaseModel):
+    """Any JSON object, to send what the real request models would refuse to build."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+async def test_can_read_job_over_nats_agrees_with_the_api(idle: Ctx, bus: Bus) -> None:
+    """``rpc.execution.can_read_job`` (the WebSocket's ``job:<id>`` channel) answers as ``GET /jobs/{id}`` does."""
+    resp = await idle.submit(sql="SELECT count(*) FROM calls")
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    client = RpcClient(bus)
+
+    async def verdict(user_id: str, role: Role, resource_id: str = job_id) -> ReadVerdict:
+        check = ReadCheck(user_id=user_id, role=role, resource_id=resource_id)
+        return await client.call("execution", "can_read_job", check, ReadVerdict, timeout_s=5)
+
+    assert await verdict(ALICE_ID, Role.analyst) == ReadVerdict(readable=True, owner_id=ALICE_ID)
+    assert await verdict(ADMIN_ID, Role.admin) == ReadVerdict(readable=True, owner_id=ALICE_ID)
+    for user_id, role, headers in ((BOB_ID, Role.analyst, BOB), (VIEWER_ID, Role.viewer, VIEWER)):
+        assert await verdict(user_id, role) == ReadVerdict(readable=False)
+        assert (await idle.client.get(f"/api/v1/jobs/{job_id}", headers=headers)).status_code == 404
+    for unknown in ("not-a-uuid", str(uuid.uuid4()), "x" * 64):
+        assert await verdict(ALICE_ID, Role.analyst, unknown) == ReadVerdict(readable=False)
+        assert await verdict(ADMIN_ID, Role.admin, unknown) == ReadVerdict(readable=False)
+
+    # A viewer cannot submit but may own a job (demoted since): the API lets them read it, and so does the RPC.
+    await idle.db_update(job_id, owner_id=VIEWER_ID)
+    assert (await idle.client.get(f"/api/v1/jobs/{job_id}", headers=VIEWER)).status_code == 200
+    assert await verdict(VIEWER_ID, Role.viewer) == ReadVerdict(readable=True, owner_id=VIEWER_ID)
+    assert await verdict(ALICE_ID, Role.analyst) == ReadVerdict(readable=False)
+
+    for bad in (
+        RawRequest(user_id=ALICE_ID, resource_id=job_id),
+        RawRequest(user_id=ALICE_ID, role="superuser", resource_id=job_id),
+        RawRequest(user_id=ALICE_ID, role="analyst", resource_id=""),
+    ):
+        with pytest.raises(RemoteError) as caught:
+            await client.call("execution", "can_read_job", bad, ReadVerdict, timeout_s=5)
+        assert caught.value.status == 422 and caught.value.code == "VALIDATION_ERROR", caught.value
 
 
 async def test_metrics_count_jobs(ctx: Ctx) -> None:

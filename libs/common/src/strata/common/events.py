@@ -35,6 +35,8 @@ WORK_STREAM = "STRATA_WORK"
 DLQ_STREAM = "STRATA_DLQ"
 SERVICES = ("auth", "datasets", "execution", "schemas", "gateway")
 MSG_ID_HEADER = "Nats-Msg-Id"
+#: ``STRATA_EVENTS`` republishes each stored event on ``live.<subject>`` with its stream sequence (``Nats-Sequence``).
+LIVE_PREFIX = "live"
 
 
 class EventPayload(BaseModel):
@@ -46,9 +48,18 @@ class EventPayload(BaseModel):
     model_config = ConfigDict(extra="ignore")
     event_type: ClassVar[str] = ""
     schema_version: ClassVar[int] = 1
-    #: Publish on ``<event_type>.<subject>`` (the entity id appended), so one entity's events can be read or watched
-    #: with a subject filter (``strata.execution.job.*.<id>``) instead of scanning the stream.
-    keyed: ClassVar[bool] = False
+    #: Fields whose values are appended to the subject, in order: ``("owner_id", "job_id")`` publishes on
+    #: ``strata.execution.job.succeeded.<owner>.<job>``, so one entity's events (``strata.execution.job.*.*.<job>``) or
+    #: one user's (``strata.execution.job.*.<owner>.*``) are a subject filter, for JetStream and for the WebSocket,
+    #: instead of a scan of the stream.
+    subject_keys: ClassVar[tuple[str, ...]] = ()
+
+    def subject_tokens(self) -> list[str]:
+        tokens = [str(getattr(self, key)) for key in self.subject_keys]
+        for token in tokens:
+            if not token or any(c in token for c in ".*> \t\r\n"):
+                raise ValueError(f"{self.__class__.__name__}: {token!r} cannot be a subject token")
+        return tokens
 
 
 P = TypeVar("P", bound=EventPayload)
@@ -68,7 +79,7 @@ class CloudEvent(BaseModel):
     datacontenttype: str = "application/json"
     dataversion: int = 1
     data: dict[str, Any] = Field(default_factory=dict)
-    _keyed: bool = PrivateAttr(default=False)
+    _key: str = PrivateAttr(default="")
 
     @classmethod
     def of(
@@ -84,10 +95,7 @@ class CloudEvent(BaseModel):
             dataversion=payload.schema_version,
             data=payload.model_dump(mode="json"),
         )
-        if payload.keyed:
-            if not subject or any(c in subject for c in ".*> \t"):
-                raise ValueError(f"{payload.__class__.__name__} is keyed: its subject must be one NATS token")
-            event._keyed = True
+        event._key = ".".join(payload.subject_tokens())
         return event
 
     def payload(self, model: builtins.type[P]) -> P:
@@ -96,7 +104,7 @@ class CloudEvent(BaseModel):
 
     @property
     def nats_subject(self) -> str:
-        return f"{self.type}.{self.subject}" if self._keyed else self.type
+        return f"{self.type}.{self._key}" if self._key else self.type
 
 
 def source_of(service: str) -> str:
@@ -112,6 +120,8 @@ class StreamSpec:
     max_bytes: int = 1 << 30
     duplicate_window_s: float = 120.0
     description: str = ""
+    #: Republish every stored message on ``<prefix>.<subject>`` with its stream sequence (the WebSocket's live feed).
+    republish_prefix: str | None = None
 
     def config(self) -> js_api.StreamConfig:
         return js_api.StreamConfig(
@@ -124,6 +134,7 @@ class StreamSpec:
             max_age=self.max_age_s,
             max_bytes=self.max_bytes,
             duplicate_window=self.duplicate_window_s,
+            republish=js_api.RePublish(src=">", dest=f"{self.republish_prefix}.>") if self.republish_prefix else None,
         )
 
 
@@ -138,6 +149,7 @@ def default_streams(
             max_age_s=events_max_age_s,
             max_bytes=events_max_bytes,
             description="Domain events of every Strata service",
+            republish_prefix=LIVE_PREFIX,
         ),
         StreamSpec(
             WORK_STREAM,

@@ -27,4 +27,5 @@ def serve(create_app: Callable[[S], FastAPI], settings_cls: type[S]) -> None:
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=10,
+        **settings.uvicorn_options(),  # type: ignore[arg-type]
     )

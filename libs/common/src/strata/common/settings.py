@@ -84,6 +84,10 @@ class ServiceSettings(BaseSettings):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def uvicorn_options(self) -> dict[str, object]:
+        """Extra ``uvicorn.Config`` options of this service (the gateway's WebSocket settings)."""
+        return {"ws": "none"}
+
     def describe(self) -> dict[str, Any]:
         """The settings without secrets, for the start-up log line."""
         from .db import redact_url

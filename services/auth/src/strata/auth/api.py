@@ -9,6 +9,7 @@ from fastapi.security import OAuth2PasswordRequestForm
 
 from strata.common.auth import MissingToken
 from strata.common.contracts.auth import Identity, Role
+from strata.common.contracts.realtime import ACCESS_COOKIE, WS_PATH
 from strata.common.deps import AdminUser, CurrentUser, RuntimeDep, SessionDep
 
 from . import service
@@ -65,6 +66,16 @@ def _token_response(tokens: service.Tokens, response: Response, settings: Settin
             secure=settings.refresh_cookie_secure,
             samesite="strict",
         )
+        # The WebSocket signs a browser in with this one: browsers cannot set headers on a WebSocket handshake.
+        response.set_cookie(
+            ACCESS_COOKIE,
+            tokens.access_token,
+            max_age=tokens.expires_in,
+            path=WS_PATH,
+            httponly=True,
+            secure=settings.refresh_cookie_secure,
+            samesite="strict",
+        )
         body.refresh_token = None
     response.headers["Cache-Control"] = "no-store"
     return body
@@ -76,7 +87,16 @@ async def token(
     session: SessionDep,
     settings: SettingsDep,
     response: Response,
-    refresh_cookie: Annotated[bool, Query(description="Set the refresh token as an HttpOnly cookie")] = False,
+    refresh_cookie: Annotated[
+        bool,
+        Query(
+            description=(
+                f"Set the refresh token as an HttpOnly cookie (path {PREFIX}, not in the body) and the access token "
+                f"as the HttpOnly cookie {ACCESS_COOKIE} (path {WS_PATH}, for the WebSocket); both are renewed by "
+                "POST /refresh with the cookie and cleared by POST /logout"
+            )
+        ),
+    ] = False,
 ) -> TokenResponse:
     tokens = await service.login(session=session, settings=settings, email=form.username, password=form.password)
     return _token_response(tokens, response, settings, refresh_cookie)
@@ -123,6 +143,13 @@ async def logout(
     response.delete_cookie(
         settings.refresh_cookie_name,
         path=PREFIX,
+        httponly=True,
+        secure=settings.refresh_cookie_secure,
+        samesite="strict",
+    )
+    response.delete_cookie(
+        ACCESS_COOKIE,
+        path=WS_PATH,
         httponly=True,
         secure=settings.refresh_cookie_secure,
         samesite="strict",

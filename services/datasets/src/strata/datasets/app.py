@@ -14,6 +14,7 @@ from strata.common.app import Runtime, create_service_app
 from strata.common.consumer import ConsumerSpec, Delivery
 from strata.common.contracts.auth import Identity
 from strata.common.contracts.datasets import DatasetDeleted, ResolvedTable, ResolveRequest, ResolveResponse
+from strata.common.contracts.realtime import ReadCheck, ReadVerdict, SharedWith, SharedWithRequest
 from strata.common.events import CloudEvent
 from strata.common.observability import Metrics
 from strata.common.storage import Storage
@@ -54,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     runtime.consume_in_db(
         ConsumerSpec(
             name="datasets-cleanup",
-            subjects=(DatasetDeleted.event_type,),
+            subjects=(f"{DatasetDeleted.event_type}.>",),
             max_deliver=10,
             backoff_s=(1.0, 10.0, 60.0),
             description="Remove the files of deleted datasets",
@@ -90,6 +91,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return ResolveResponse(tables=tables, missing=missing)
 
     runtime.rpc.register("resolve", ResolveRequest, resolve)
+
+    async def can_read(check: ReadCheck) -> ReadVerdict:
+        """The WebSocket's ``dataset:<id>`` channel: the same rule as ``GET /datasets/{id}``."""
+        assert runtime.db is not None
+        async with runtime.db.session() as session:
+            return await service.read_verdict(session, check)
+
+    async def shared_with(request: SharedWithRequest) -> SharedWith:
+        """The WebSocket's ``user`` channel follows the datasets shared with the user too."""
+        assert runtime.db is not None
+        async with runtime.db.session() as session:
+            return await service.shared_with(session, request)
+
+    runtime.rpc.register("can_read", ReadCheck, can_read)
+    runtime.rpc.register("shared_with", SharedWithRequest, shared_with)
 
     async def on_started(_: Runtime) -> dict[str, Any]:
         duck = engine.connect(threads=settings.ingest_threads, memory_limit=settings.ingest_memory_limit)

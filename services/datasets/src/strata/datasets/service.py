@@ -22,6 +22,7 @@ from strata.common.contracts.datasets import (
     DatasetUploaded,
     IngestRequested,
 )
+from strata.common.contracts.realtime import ReadCheck, ReadVerdict, SharedWith, SharedWithRequest
 from strata.common.db import utcnow
 from strata.common.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from strata.common.events import CloudEvent, EventPayload, source_of
@@ -121,6 +122,34 @@ async def load(
     if need == "owner" and permission not in ("owner", "admin"):
         raise Forbidden("Only the dataset's owner (or an admin) may do this.")
     return dataset, permission
+
+
+async def read_verdict(session: AsyncSession, check: ReadCheck) -> ReadVerdict:
+    """``rpc.datasets.can_read``: the rule of :func:`load` (owner, admin, or a share to the user or their role), as
+    a verdict; a malformed id, an unknown or deleted dataset is simply not readable."""
+    try:
+        dataset, _ = await load(session, check.resource_id, Identity(user_id=check.user_id, role=check.role))
+    except DatasetNotFound:
+        return ReadVerdict(readable=False)
+    return ReadVerdict(readable=True, owner_id=dataset.owner_id)
+
+
+async def shared_with(session: AsyncSession, request: SharedWithRequest) -> SharedWith:
+    """``rpc.datasets.shared_with``: the live datasets shared with the user, directly or through a role they hold or
+    exceed, not their own; by id, at most ``limit``."""
+    identity = Identity(user_id=request.user_id, role=request.role)
+    shared = select(DatasetShare.dataset_id).where(_shared_with(identity))
+    ids = list(
+        (
+            await session.scalars(
+                select(Dataset.id)
+                .where(Dataset.id.in_(shared), Dataset.owner_id != identity.user_id, Dataset.deleted_at.is_(None))
+                .order_by(Dataset.id)
+                .limit(request.limit + 1)
+            )
+        ).all()
+    )
+    return SharedWith(dataset_ids=ids[: request.limit], truncated=len(ids) > request.limit)
 
 
 async def current(session: AsyncSession, dataset: Dataset, version: int | None = None) -> DatasetVersion:

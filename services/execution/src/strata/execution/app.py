@@ -9,10 +9,11 @@ from typing import Any
 from fastapi import FastAPI
 
 from strata.common.app import Runtime, create_service_app
+from strata.common.contracts.realtime import ReadCheck, ReadVerdict
 from strata.common.observability import Metrics
 from strata.common.storage import Storage
 
-from . import results
+from . import jobs, results
 from .api import Services, router
 from .config import Settings
 from .engines import EngineSettings, create_engine
@@ -48,6 +49,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     }
     watcher = JobWatcher(runtime)
     worker = Worker(runtime=runtime, settings=settings, storage=storage, engines=engines, watcher=watcher)
+
+    async def can_read_job(check: ReadCheck) -> ReadVerdict:
+        """The WebSocket's ``job:<id>`` channel: the same rule as ``GET /jobs/{id}``."""
+        assert runtime.db is not None
+        async with runtime.db.session() as session:
+            return await jobs.read_verdict(session, check)
+
+    runtime.rpc.register("can_read_job", ReadCheck, can_read_job)
 
     async def on_started(_: Runtime) -> dict[str, Any]:
         await asyncio.to_thread(results.warm_up)

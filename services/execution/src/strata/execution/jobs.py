@@ -32,8 +32,10 @@ from strata.common.contracts.execution import (
     JobEvent,
     JobRequested,
     job_events_filter,
+    state_events_filter,
     work_subject,
 )
+from strata.common.contracts.realtime import ReadCheck, ReadVerdict
 from strata.common.db import utcnow
 from strata.common.errors import BadRequest, Conflict, NotFound, StrataError
 from strata.common.events import EVENTS_STREAM, CloudEvent, source_of
@@ -78,6 +80,17 @@ class QueryRejected(StrataError):
 # -- reading -----------------------------------------------------------------------------------------------------
 def can_read(identity: Identity, job: Job) -> bool:
     return job.owner_id == identity.user_id or identity.role == Role.admin
+
+
+async def read_verdict(session: AsyncSession, check: ReadCheck) -> ReadVerdict:
+    """``rpc.execution.can_read_job``: the rule of :func:`get_job`, as a verdict (an unknown or malformed id, or
+    another user's job, is simply not readable)."""
+    identity = Identity(user_id=check.user_id, role=check.role)
+    try:
+        job = await get_job(session, identity, check.resource_id)
+    except JobNotFound:
+        return ReadVerdict(readable=False)
+    return ReadVerdict(readable=True, owner_id=job.owner_id)
 
 
 async def get_job(session: AsyncSession, identity: Identity, job_id: str) -> Job:
@@ -341,7 +354,7 @@ class JobWatcher:
     async def _subscribe(self) -> None:
         if not self._subs:  # core subscriptions survive reconnects on their own; progress events are not wanted
             nc = self.runtime.bus.nc
-            self._subs = [await nc.subscribe(f"{JOB_EVENT_PREFIX}.{s}.*", cb=self._on_event) for s in FINAL_STATES]
+            self._subs = [await nc.subscribe(state_events_filter(s), cb=self._on_event) for s in FINAL_STATES]
 
     async def stop(self) -> None:
         for sub in self._subs:

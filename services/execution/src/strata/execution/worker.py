@@ -39,6 +39,7 @@ from strata.common.contracts.execution import (
     WORK_SUBJECT_PREFIX,
     JobProgress,
     JobRequested,
+    state_events_filter,
     work_subject,
 )
 from strata.common.db import utcnow
@@ -166,7 +167,7 @@ class Worker:
                 await sub.unsubscribe()
         self._subs = [
             await nc.subscribe(f"{WORK_SUBJECT_PREFIX}.>", cb=self._ring),
-            await nc.subscribe("strata.execution.job.cancelling.*", cb=self._on_cancelling),
+            await nc.subscribe(state_events_filter("cancelling"), cb=self._on_cancelling),
         ]
         self._doorbell.set()
 

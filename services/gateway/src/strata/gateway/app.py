@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.middleware import Middleware
 
@@ -26,7 +26,8 @@ from .edge import EdgeMiddleware, SecurityHeadersMiddleware
 from .instances import InstanceRegistry, consumer_spec
 from .openapi import OpenApiAggregator, install_docs
 from .proxy import Policy, Proxy, upstream_session
-from .ratelimit import RateLimiter, create_rate_limiter
+from .ratelimit import Limit, RateLimiter, create_rate_limiter
+from .sockets import Realtime, WsSettings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -63,6 +64,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             limiters.append(create_rate_limiter(settings.rate_limit_redis_url or None))
         return limiters[0]
 
+    realtime = Realtime(
+        bus=runtime.bus,
+        rpc=runtime.rpc_client,
+        verifier=lambda: runtime.verifier,
+        limiter=limiter,
+        metrics=runtime.metrics,
+        settings=WsSettings(
+            auth_timeout_s=settings.ws_auth_timeout_s,
+            token_expiring_s=settings.ws_token_expiring_s,
+            max_connections_per_user=settings.ws_max_connections_per_user,
+            max_subscriptions=settings.ws_max_subscriptions,
+            max_queue=settings.ws_max_queue,
+            max_replay=settings.ws_max_replay,
+            access_cache_s=settings.ws_access_cache_s,
+            revocation_window_s=settings.ws_revocation_window_s,
+            heartbeat_s=settings.ws_ping_interval_s,
+            subscribe_limit=Limit.parse(settings.rate_limit_ws_subscribe),
+            cors_origins=tuple(settings.cors_origins),
+        ),
+    )
+
     async def readiness() -> dict[str, Any]:
         """NATS and every upstream's own /readyz, asked at once."""
         timeout = aiohttp.ClientTimeout(total=settings.readiness_timeout_s)
@@ -89,8 +111,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         proxy.session = session()
         limiter()
         await rt.verifier.refresh_keys()  # the JWKS now, if auth is up; else on the first token
+        await realtime.start()
 
     async def on_stopping(_: Runtime) -> None:
+        await realtime.stop()
         if sessions:
             await sessions.pop().close()
         if limiters:
@@ -131,6 +155,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def instances(_: AdminUser) -> dict[str, Any]:
         data = registry.list()
         return {"data": data, "meta": {"next_cursor": None, "limit": len(data)}}
+
+    app.state.realtime = realtime
+
+    @app.websocket("/api/v1/ws")
+    async def websocket(socket: WebSocket) -> None:
+        """Live events: see docs/realtime.md."""
+        await realtime.serve(socket)
 
     aggregator = OpenApiAggregator(
         upstreams=upstreams,

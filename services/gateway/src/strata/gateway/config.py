@@ -72,7 +72,25 @@ class Settings(ServiceSettings):
         ]
     )
 
-    @field_validator("rate_limit_user", "rate_limit_anonymous", "rate_limit_signin")
+    # -- the WebSocket (docs/realtime.md) ----------------------------------------------------------------------------
+    ws_auth_timeout_s: float = Field(default=5.0, gt=0, description="Time for the first message to authenticate")
+    ws_token_expiring_s: float = Field(default=30.0, ge=0, description="Warn this long before the token expires")
+    ws_max_connections_per_user: int = Field(default=20, ge=1, description="Per replica")
+    ws_max_subscriptions: int = Field(default=100, ge=1, description="Channels per socket")
+    ws_max_queue: int = Field(default=1000, ge=10, description="Frames queued for one socket before it is closed")
+    ws_max_replay: int = Field(default=100_000, ge=1, description="Events replayed for one subscribe")
+    ws_access_cache_s: float = Field(default=10.0, ge=0, description="How long a channel authorization is trusted")
+    #: How far back the revocation watch reads auth events: the longest access-token lifetime.
+    ws_revocation_window_s: float = Field(default=24 * 3600.0, gt=0)
+    ws_ping_interval_s: float = Field(default=20.0, gt=0)
+    ws_ping_timeout_s: float = Field(default=20.0, gt=0)
+    ws_max_message_bytes: int = Field(default=64 * 1024, ge=1024)
+    #: Compressing each frame for each socket costs more CPU than it saves on small JSON events.
+    ws_per_message_deflate: bool = False
+    #: Subscribing spends a token of this bucket (per user), on top of the HTTP limits.
+    rate_limit_ws_subscribe: str = "20/s;burst=200"
+
+    @field_validator("rate_limit_user", "rate_limit_anonymous", "rate_limit_signin", "rate_limit_ws_subscribe")
     @classmethod
     def _valid_limit(cls, value: str) -> str:
         Limit.parse(value)
@@ -84,6 +102,15 @@ class Settings(ServiceSettings):
             anonymous=Limit.parse(self.rate_limit_anonymous),
             token=Limit.parse(self.rate_limit_signin),
         )
+
+    def uvicorn_options(self) -> dict[str, object]:
+        return {
+            "ws": "websockets-sansio",
+            "ws_max_size": self.ws_max_message_bytes,
+            "ws_ping_interval": self.ws_ping_interval_s,
+            "ws_ping_timeout": self.ws_ping_timeout_s,
+            "ws_per_message_deflate": self.ws_per_message_deflate,
+        }
 
     def upstream_urls(self) -> dict[str, str]:
         return {name: getattr(self, f"{name}_url").rstrip("/") for name in UPSTREAMS}

@@ -150,6 +150,9 @@ class Proxy:
         self._session = value
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # the one WebSocket route is the gateway's own (/api/v1/ws)
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
             return
         path: str = scope["path"]

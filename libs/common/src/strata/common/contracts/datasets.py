@@ -1,4 +1,8 @@
-"""The datasets service's contract: events, the ingestion work item, and ``rpc.datasets.resolve``."""
+"""The datasets service's contract: events, the ingestion work item, and ``rpc.datasets.resolve``.
+
+Dataset events are keyed like job events: ``strata.datasets.dataset.<verb>.<owner id>.<dataset id>``, so one dataset's
+events are ``strata.datasets.dataset.*.*.<id>`` and one owner's ``strata.datasets.dataset.*.<owner>.*``.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,21 @@ from pydantic import BaseModel, Field
 from ..events import EventPayload
 from .auth import Role
 
+DATASET_EVENT_PREFIX = "strata.datasets.dataset"
+
+
+def dataset_events_filter(dataset_id: str) -> str:
+    """The NATS subject filter of every event of one dataset."""
+    return f"{DATASET_EVENT_PREFIX}.*.*.{dataset_id}"
+
+
+def owner_dataset_events_filter(owner_id: str) -> str:
+    """The NATS subject filter of every event of one user's own datasets."""
+    return f"{DATASET_EVENT_PREFIX}.*.{owner_id}.*"
+
 
 class DatasetEvent(EventPayload):
+    subject_keys: ClassVar[tuple[str, ...]] = ("owner_id", "dataset_id")
     dataset_id: str
     owner_id: str
     version: int
@@ -64,6 +81,7 @@ class IngestProgress(EventPayload):
     """High-rate, coalescable: not through the outbox."""
 
     event_type: ClassVar[str] = "strata.datasets.dataset.progress"
+    subject_keys: ClassVar[tuple[str, ...]] = ("owner_id", "dataset_id")
     dataset_id: str
     owner_id: str
     version: int

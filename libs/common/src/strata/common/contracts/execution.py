@@ -1,7 +1,9 @@
 """The execution service's contract: job events and the work item on ``strata.work.execution.jobs.p<priority>``.
 
-Job events are keyed: they are published on ``<type>.<job id>`` (``strata.execution.job.succeeded.<id>``), so a
-reader follows one job with the filter ``strata.execution.job.*.<id>`` (``GET /jobs/{id}/events``, the WebSocket).
+Job events are keyed: they are published on ``<type>.<owner id>.<job id>``
+(``strata.execution.job.succeeded.<owner>.<job>``), so a reader follows one job with the filter
+``strata.execution.job.*.*.<job>`` (``GET /jobs/{id}/events``, the WebSocket's ``job:<id>`` channel) and one user's
+jobs with ``strata.execution.job.*.<owner>.*`` (the WebSocket's ``user`` channel).
 """
 
 from __future__ import annotations
@@ -23,14 +25,24 @@ def work_subject(priority: int) -> str:
 
 def job_events_filter(job_id: str) -> str:
     """The NATS subject filter of every event of one job."""
-    return f"{JOB_EVENT_PREFIX}.*.{job_id}"
+    return f"{JOB_EVENT_PREFIX}.*.*.{job_id}"
+
+
+def user_job_events_filter(owner_id: str) -> str:
+    """The NATS subject filter of every event of one user's jobs."""
+    return f"{JOB_EVENT_PREFIX}.*.{owner_id}.*"
+
+
+def state_events_filter(state: str) -> str:
+    """Every job's events of one state (``strata.execution.job.cancelling.*.*``)."""
+    return f"{JOB_EVENT_PREFIX}.{state}.*.*"
 
 
 class JobEvent(EventPayload):
     """A state change of a job, durable (through the outbox). ``event_type`` is ``strata.execution.job.<state>``."""
 
     event_type: ClassVar[str] = "strata.execution.job.{state}"
-    keyed: ClassVar[bool] = True
+    subject_keys: ClassVar[tuple[str, ...]] = ("owner_id", "job_id")
     job_id: str
     owner_id: str
     kind: str
@@ -50,7 +62,7 @@ class JobProgress(EventPayload):
     """The engine's progress of a running job: high rate, best effort, coalescable (not through the outbox)."""
 
     event_type: ClassVar[str] = "strata.execution.job.progress"
-    keyed: ClassVar[bool] = True
+    subject_keys: ClassVar[tuple[str, ...]] = ("owner_id", "job_id")
     job_id: str
     owner_id: str
     fraction: float | None = None

@@ -1,0 +1,805 @@
+"""``WS /api/v1/ws``: the gateway's WebSocket. The protocol is docs/realtime.md; this module is its server.
+
+- :class:`Realtime` is what the app holds: the live-event :class:`~.live.Hub`, the :class:`~.revocations.Revocations`,
+  the open connections per user, the cache of channel authorizations, the metrics.
+- :class:`Connection` is one socket: a reader (the client's messages), a sender task that drains the socket's own
+  queue (so a slow client never slows the others), expiry timers, and its channels.
+- :class:`Channel` is one subscription of one socket, a sink of the hub: it buffers live events while its replay from
+  JetStream runs, then delivers in ``seq`` order, dropping anything it already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import WebSocket
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.websockets import WebSocketState
+
+from strata.common.auth import TokenVerifier
+from strata.common.contracts.auth import Identity, Role
+from strata.common.contracts.datasets import DATASET_EVENT_PREFIX, dataset_events_filter, owner_dataset_events_filter
+from strata.common.contracts.execution import job_events_filter, user_job_events_filter
+from strata.common.contracts.realtime import ACCESS_COOKIE, ReadCheck, ReadVerdict, SharedWith, SharedWithRequest
+from strata.common.errors import StrataError
+from strata.common.events import Bus
+from strata.common.observability import Metrics
+from strata.common.rpc import RpcClient
+
+from .live import Hub, LiveEvent, ReplayTooLong, replay, stream_bounds
+from .ratelimit import Limit, RateLimiter
+from .revocations import Revocations
+
+log = logging.getLogger(__name__)
+
+# Close codes (docs/realtime.md): 44xx need the client to change something; 45xx mean "reconnect and resume".
+GOING_AWAY = 1001
+INTERNAL_ERROR = 1011
+UNAUTHENTICATED = 4401
+SESSION_REVOKED = 4403
+AUTH_TIMEOUT = 4408
+TOO_MANY_CONNECTIONS = 4429
+SLOW_CONSUMER = 4500
+RESYNC = 4503
+
+SHARE_FEED = f"{DATASET_EVENT_PREFIX}.shared.*.*"
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_CLOSE_REASON_BYTES = 120
+
+
+@dataclass(frozen=True)
+class WsSettings:
+    auth_timeout_s: float
+    token_expiring_s: float
+    max_connections_per_user: int
+    max_subscriptions: int
+    max_queue: int
+    max_replay: int
+    access_cache_s: float
+    revocation_window_s: float
+    heartbeat_s: float
+    subscribe_limit: Limit
+    cors_origins: tuple[str, ...]
+
+
+class WsMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        r = metrics.registry
+        self.connections = Gauge("strata_ws_connections", "Open WebSocket connections.", registry=r)
+        self.subscriptions = Gauge(
+            "strata_ws_subscriptions", "Channel subscriptions of open sockets, by channel kind.", ["kind"], registry=r
+        )
+        self.messages = Counter(
+            "strata_ws_messages_sent_total",
+            "Frames sent to sockets, by kind (event, progress, replay, control).",
+            ["kind"],
+            registry=r,
+        )
+        self.bytes = Counter("strata_ws_bytes_sent_total", "Bytes of frames sent to sockets.", registry=r)
+        self.dropped = Counter(
+            "strata_ws_dropped_total",
+            "Events not sent to a socket, by reason (coalesced: a newer progress event replaced it).",
+            ["reason"],
+            registry=r,
+        )
+        self.disconnects = Counter("strata_ws_disconnects_total", "Sockets closed, by reason.", ["reason"], registry=r)
+        self.latency = Histogram(
+            "strata_ws_fanout_latency_seconds",
+            "From an event's time to its frame handed to a socket (live events).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.replayed = Counter(
+            "strata_ws_replayed_total", "Events replayed from JetStream to resuming sockets.", registry=r
+        )
+        self.refused = Counter(
+            "strata_ws_subscribe_refused_total", "Subscriptions refused, by reason.", ["reason"], registry=r
+        )
+        self.nats_subscriptions = Gauge(
+            "strata_ws_nats_subscriptions", "NATS subscriptions this replica holds for its sockets.", registry=r
+        )
+        # Bound children: the fan-out path increments these per frame.
+        self.sent_event = self.messages.labels("event")
+        self.sent_progress = self.messages.labels("progress")
+        self.sent_replay = self.messages.labels("replay")
+        self.sent_control = self.messages.labels("control")
+        self.coalesced = self.dropped.labels("coalesced")
+
+
+class ChannelError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _reason(text: str) -> str:
+    """A close reason fits a control frame (123 bytes)."""
+    data = text.encode()
+    return text if len(data) <= _CLOSE_REASON_BYTES else data[:_CLOSE_REASON_BYTES].decode(errors="ignore")
+
+
+class Realtime:
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        rpc: RpcClient,
+        verifier: Callable[[], TokenVerifier],
+        limiter: Callable[[], RateLimiter],
+        metrics: Metrics,
+        settings: WsSettings,
+    ) -> None:
+        self.bus = bus
+        self.rpc = rpc
+        self.verifier = verifier
+        self.limiter = limiter
+        self.settings = settings
+        self.metrics = WsMetrics(metrics)
+        self.hub = Hub(bus, max_catch_up=settings.max_replay)
+        self.revocations = Revocations(bus, window_s=settings.revocation_window_s, on_revoke=self.revoke)
+        self.by_user: dict[str, set[Connection]] = {}
+        self._access: OrderedDict[tuple[str, str, str, str], tuple[float, ReadVerdict]] = OrderedDict()
+        self.accepting = True
+
+    async def start(self) -> None:
+        await self.revocations.start()
+
+    async def stop(self) -> None:
+        self.accepting = False
+        conns = [c for group in self.by_user.values() for c in group]
+        for conn in conns:
+            conn.close(GOING_AWAY, "The gateway is shutting down: reconnect and resume.", "shutdown")
+        if conns:
+            await asyncio.wait([c.done for c in conns], timeout=5)
+        await self.revocations.stop()
+
+    # -- connections ----------------------------------------------------------------------------------------------
+    def origin_allowed(self, websocket: WebSocket) -> bool:
+        origin = websocket.headers.get("origin")
+        if origin is None:
+            return True  # not a browser: cross-site hijacking needs one
+        if "*" in self.settings.cors_origins or origin in self.settings.cors_origins:
+            return True
+        host = websocket.headers.get("host", "")
+        return bool(host) and urlsplit(origin).netloc == host  # the gateway's own origin
+
+    def register(self, conn: Connection) -> bool:
+        group = self.by_user.setdefault(conn.identity.user_id, set())
+        if len(group) >= self.settings.max_connections_per_user:
+            return False
+        group.add(conn)
+        self.metrics.connections.inc()
+        return True
+
+    def unregister(self, conn: Connection) -> None:
+        group = self.by_user.get(conn.identity.user_id)
+        if group is not None and conn in group:
+            group.discard(conn)
+            self.metrics.connections.dec()
+            if not group:
+                del self.by_user[conn.identity.user_id]
+
+    def revoke(self, selects: Callable[[Identity], bool], reason: str) -> None:
+        for group in list(self.by_user.values()):
+            for conn in list(group):
+                if selects(conn.identity):
+                    conn.close(SESSION_REVOKED, f"Session revoked: {reason.replace('_', ' ')}.", reason)
+
+    # -- authorization --------------------------------------------------------------------------------------------
+    async def can_read(self, identity: Identity, kind: str, resource_id: str, *, fresh: bool = False) -> ReadVerdict:
+        key = (kind, identity.user_id, identity.role.value, resource_id)
+        now = time.monotonic()
+        cached = self._access.get(key)
+        if cached is not None and cached[0] > now and not fresh:
+            return cached[1]
+        service, verb = ("execution", "can_read_job") if kind == "job" else ("datasets", "can_read")
+        verdict = await self.rpc.call(
+            service,
+            verb,
+            ReadCheck(user_id=identity.user_id, role=identity.role, resource_id=resource_id),
+            ReadVerdict,
+        )
+        self._access[key] = (now + self.settings.access_cache_s, verdict)
+        self._access.move_to_end(key)
+        while len(self._access) > 100_000:
+            self._access.popitem(last=False)
+        return verdict
+
+    def forget_access(self, kind: str, resource_id: str) -> None:
+        for key in [k for k in self._access if k[0] == kind and k[3] == resource_id]:
+            del self._access[key]
+
+    async def shared_with(self, identity: Identity) -> list[str]:
+        reply = await self.rpc.call(
+            "datasets", "shared_with", SharedWithRequest(user_id=identity.user_id, role=identity.role), SharedWith
+        )
+        return reply.dataset_ids
+
+    # -- the endpoint ---------------------------------------------------------------------------------------------
+    async def serve(self, websocket: WebSocket) -> None:
+        if not self.origin_allowed(websocket):
+            self.metrics.disconnects.labels("origin_refused").inc()
+            await websocket.close(code=1008)  # before accept: the handshake is answered 403
+            return
+        if not self.accepting:
+            await websocket.close(code=1013)
+            return
+        await websocket.accept()
+        identity = await self._authenticate(websocket)
+        if identity is None:
+            return
+        conn = Connection(self, websocket, identity)
+        if not self.register(conn):
+            self.metrics.disconnects.labels("too_many_connections").inc()
+            await _close(
+                websocket,
+                TOO_MANY_CONNECTIONS,
+                f"At most {self.settings.max_connections_per_user} sockets per user: close another one.",
+            )
+            return
+        try:
+            await conn.run()
+        finally:
+            self.unregister(conn)
+
+    async def _authenticate(self, websocket: WebSocket) -> Identity | None:
+        """The cookie's identity, else the first message's; the socket is closed (and None returned) otherwise."""
+        await self.revocations.wait_ready(3.0)
+        cookie = websocket.cookies.get(ACCESS_COOKIE)
+        if cookie:
+            with contextlib.suppress(StrataError):
+                identity = await self.verifier().verify(cookie)
+                if self.revocations.refused(identity) is None:
+                    return identity
+        try:
+            message = await asyncio.wait_for(websocket.receive(), self.settings.auth_timeout_s)
+        except TimeoutError:
+            self.metrics.disconnects.labels("auth_timeout").inc()
+            await _close(
+                websocket,
+                AUTH_TIMEOUT,
+                f'Send {{"type": "auth", "token": ...}} within {self.settings.auth_timeout_s:g} s.',
+            )
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        token = _auth_token(message.get("text"))
+        if token is None:
+            self.metrics.disconnects.labels("unauthenticated").inc()
+            await _close(websocket, UNAUTHENTICATED, 'The first message must be {"type": "auth", "token": ...}.')
+            return None
+        try:
+            identity = await self.verifier().verify(token)
+        except StrataError as exc:
+            self.metrics.disconnects.labels("unauthenticated").inc()
+            await _close(websocket, UNAUTHENTICATED, exc.message)
+            return None
+        refused = self.revocations.refused(identity)
+        if refused is not None:
+            self.metrics.disconnects.labels("revoked").inc()
+            await _close(websocket, SESSION_REVOKED, refused)
+            return None
+        return identity
+
+
+def _auth_token(text: str | None) -> str | None:
+    if not text or len(text) > 16_384:
+        return None
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("type") != "auth":
+        return None
+    token = message.get("token")
+    return token if isinstance(token, str) and token else None
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    if websocket.application_state == WebSocketState.DISCONNECTED:
+        return
+    with contextlib.suppress(Exception):  # the client is gone, or will not read: the transport closes anyway
+        await asyncio.wait_for(websocket.close(code=code, reason=_reason(reason)), 5)
+
+
+class _Frame:
+    __slots__ = ("key", "kind", "text", "time")
+
+    def __init__(self, text: str, kind: str, key: str | None, when: float | None) -> None:
+        self.text: str | None = text
+        self.kind = kind
+        self.key = key
+        self.time = when
+
+
+class Connection:
+    def __init__(self, realtime: Realtime, websocket: WebSocket, identity: Identity) -> None:
+        self.rt = realtime
+        self.ws = websocket
+        self.identity = identity
+        self.channels: dict[str, Channel] = {}
+        self._queue: deque[_Frame] = deque()
+        self._queued = 0  # frames in the queue that will be sent (coalesced ones are not)
+        self._progress: dict[str, _Frame] = {}
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timers: list[asyncio.TimerHandle] = []
+        self._closing: tuple[int, str] | None = None
+        self._close_requested = asyncio.Event()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        sender = asyncio.create_task(self._send_loop(), name="ws-sender")
+        closer = asyncio.create_task(self._close_requested.wait(), name="ws-closer")
+        reader = asyncio.create_task(self._read_loop(), name="ws-reader")
+        try:
+            self._welcome()
+            done, _ = await asyncio.wait({sender, closer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done and self._closing is None:
+                code = reader.result() if not reader.cancelled() and reader.exception() is None else None
+                self.rt.metrics.disconnects.labels(_client_reason(code)).inc()
+            elif sender in done and self._closing is None:
+                self.rt.metrics.disconnects.labels("send_failed").inc()
+        finally:
+            for task in (sender, closer, reader, *self._tasks):
+                task.cancel()
+            for timer in self._timers:
+                timer.cancel()
+            for channel in list(self.channels.values()):
+                channel.detach()
+            self.channels.clear()
+            if self._closing is not None:
+                self._queue.clear()
+                await _close(self.ws, *self._closing)
+            if not self.done.done():
+                self.done.set_result(None)
+
+    def close(self, code: int, reason: str, metric: str) -> None:
+        """Close the socket soon (from any task or callback): what is queued is dropped, the close frame goes out."""
+        if self._closing is not None:
+            return
+        self._closing = (code, reason)
+        self.rt.metrics.disconnects.labels(metric).inc()
+        self._close_requested.set()
+
+    def _welcome(self) -> None:
+        identity = self.identity
+        self.control(
+            {
+                "type": "welcome",
+                "user_id": identity.user_id,
+                "role": identity.role.value,
+                "expires_at": identity.expires_at.isoformat() if identity.expires_at else None,
+                "heartbeat_s": self.rt.settings.heartbeat_s,
+                "limits": {
+                    "max_subscriptions": self.rt.settings.max_subscriptions,
+                    "max_queue": self.rt.settings.max_queue,
+                    "max_replay": self.rt.settings.max_replay,
+                },
+            }
+        )
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        if identity.expires_at is not None:
+            loop = asyncio.get_running_loop()
+            left = identity.expires_at.timestamp() - time.time()
+            warn = max(left - self.rt.settings.token_expiring_s, 0)
+            expires_at = identity.expires_at.isoformat()
+            self._timers.append(
+                loop.call_later(warn, lambda: self.control({"type": "token_expiring", "expires_at": expires_at}))
+            )
+            self._timers.append(
+                loop.call_later(
+                    max(left, 0),
+                    lambda: self.close(
+                        UNAUTHENTICATED, "The access token expired: send a new one before it does.", "token_expired"
+                    ),
+                )
+            )
+
+    # -- the queue ------------------------------------------------------------------------------------------------
+    def push(self, text: str, kind: str, *, key: str | None = None, when: float | None = None) -> None:
+        """Queue a frame. ``key`` (the channel) makes it a progress frame: a newer one replaces it while unsent."""
+        if self._closing is not None:
+            return
+        if key is not None:
+            older = self._progress.get(key)
+            if older is not None and older.text is not None:
+                older.text = None  # coalesced: the newer one goes to the end, so seq order holds
+                self._queued -= 1
+                self.rt.metrics.coalesced.inc()
+        frame = _Frame(text, kind, key, when)
+        self._queue.append(frame)
+        self._queued += 1
+        if key is not None:
+            self._progress[key] = frame
+        if self._queued > self.rt.settings.max_queue:
+            self.close(SLOW_CONSUMER, "Too slow: the queue overflowed. Reconnect, resume with since.", "slow_consumer")
+            return
+        if self._queued > self.rt.settings.max_queue // 2:
+            self._room.clear()
+        self._wake.set()
+
+    def control(self, message: dict[str, Any]) -> None:
+        self.push(json.dumps(message, separators=(",", ":")), "control")
+
+    async def room(self) -> None:
+        """Wait while the queue is more than half full (replays go at the client's pace)."""
+        await self._room.wait()
+
+    async def _send_loop(self) -> None:
+        metrics = self.rt.metrics
+        counters = {
+            "event": metrics.sent_event,
+            "progress": metrics.sent_progress,
+            "replay": metrics.sent_replay,
+            "control": metrics.sent_control,
+        }
+        send = self.ws.send
+        queue = self._queue
+        low = self.rt.settings.max_queue // 4
+        while True:
+            if not queue:
+                self._wake.clear()
+                self._room.set()
+                await self._wake.wait()
+                continue
+            frame = queue.popleft()
+            text = frame.text
+            if text is None:
+                continue
+            if frame.key is not None and self._progress.get(frame.key) is frame:
+                del self._progress[frame.key]
+            self._queued -= 1
+            if self._queued <= low:
+                self._room.set()
+            await send({"type": "websocket.send", "text": text})
+            counters[frame.kind].inc()
+            metrics.bytes.inc(len(text))
+            if frame.time is not None:
+                metrics.latency.observe(max(time.time() - frame.time, 0.0))
+
+    # -- the client's messages ------------------------------------------------------------------------------------
+    async def _read_loop(self) -> int | None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                code = message.get("code")
+                return int(code) if code is not None else None
+            text = message.get("text")
+            if text is None:
+                self.error(None, None, "BAD_MESSAGE", "Send JSON text frames.")
+                continue
+            try:
+                request = json.loads(text)
+            except ValueError:
+                self.error(None, None, "BAD_MESSAGE", "The message is not JSON.")
+                continue
+            if not isinstance(request, dict):
+                self.error(None, None, "BAD_MESSAGE", "The message must be a JSON object.")
+                continue
+            request_id = request.get("id")
+            kind = request.get("type")
+            if kind == "ping":
+                self.control({"type": "pong", "id": request_id})
+            elif kind == "subscribe":
+                self._spawn(self._subscribe(request))
+            elif kind == "unsubscribe":
+                self._unsubscribe(request)
+            elif kind == "auth":
+                await self._reauthenticate(request)
+            else:
+                self.error(request_id, None, "BAD_MESSAGE", "Unknown type: use subscribe, unsubscribe, auth or ping.")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def error(self, request_id: Any, channel: str | None, code: str, message: str, **extra: Any) -> None:
+        body: dict[str, Any] = {"type": "error", "id": request_id, "error": {"code": code, "message": message, **extra}}
+        if channel is not None:
+            body["channel"] = channel
+        self.control(body)
+
+    async def _reauthenticate(self, request: dict[str, Any]) -> None:
+        token = request.get("token")
+        if not isinstance(token, str) or not token:
+            self.error(request.get("id"), None, "BAD_MESSAGE", "auth needs a token.")
+            return
+        try:
+            identity = await self.rt.verifier().verify(token)
+        except StrataError as exc:
+            self.error(request.get("id"), None, exc.code, exc.message)
+            return
+        if identity.user_id != self.identity.user_id:
+            self.close(UNAUTHENTICATED, "Re-authentication must be as the same user.", "unauthenticated")
+            return
+        refused = self.rt.revocations.refused(identity)
+        if refused is not None:
+            self.close(SESSION_REVOKED, refused, "revoked")
+            return
+        self.identity = identity
+        self._welcome()
+
+    def _unsubscribe(self, request: dict[str, Any]) -> None:
+        name = request.get("channel")
+        channel = self.channels.pop(name, None) if isinstance(name, str) else None
+        if channel is not None:
+            channel.detach()
+        self.control({"type": "unsubscribed", "channel": name, "id": request.get("id")})
+
+    async def _subscribe(self, request: dict[str, Any]) -> None:
+        request_id = request.get("id")
+        name = request.get("channel")
+        since = request.get("since")
+        if not isinstance(name, str):
+            self.error(request_id, None, "INVALID_CHANNEL", 'channel must be "job:<id>", "dataset:<id>" or "user".')
+            return
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+            self.error(request_id, name, "INVALID_SINCE", "since must be a stream sequence (an integer >= 0).")
+            return
+        if name in self.channels:
+            channel = self.channels[name]
+            self.control(
+                {
+                    "type": "subscribed",
+                    "channel": name,
+                    "id": request_id,
+                    "recovered": True,
+                    "seq": channel.last_seq,
+                    "already": True,
+                }
+            )
+            return
+        if len(self.channels) >= self.rt.settings.max_subscriptions:
+            self.rt.metrics.refused.labels("too_many").inc()
+            self.error(
+                request_id,
+                name,
+                "TOO_MANY_SUBSCRIPTIONS",
+                f"At most {self.rt.settings.max_subscriptions} channels per socket.",
+            )
+            return
+        decision = await self.rt.limiter().hit(f"user:{self.identity.user_id}", self.rt.settings.subscribe_limit)
+        if not decision.allowed:
+            self.rt.metrics.refused.labels("rate_limited").inc()
+            self.error(
+                request_id, name, "RATE_LIMITED", "Too many requests.", retry_after_s=round(decision.retry_after_s, 3)
+            )
+            return
+        try:
+            channel = await self._open(name)
+        except ChannelError as exc:
+            self.rt.metrics.refused.labels(exc.code.lower()).inc()
+            self.error(request_id, name, exc.code, exc.message)
+            return
+        except StrataError as exc:  # the owning service did not answer
+            self.rt.metrics.refused.labels("unavailable").inc()
+            self.error(request_id, name, "SERVICE_UNAVAILABLE", exc.message)
+            return
+        if name in self.channels or self._closing is not None:  # subscribed twice at once, or closing
+            channel.detach()
+            return
+        self.channels[name] = channel
+        try:
+            await channel.start(since, request_id)
+        except Exception as exc:
+            log.exception("subscribing %s failed", name)
+            self.channels.pop(name, None)
+            channel.detach()
+            self.error(request_id, name, "SERVICE_UNAVAILABLE", f"Could not subscribe: {type(exc).__name__}.")
+
+    async def _open(self, name: str) -> Channel:
+        kind, _, resource = name.partition(":")
+        identity = self.identity
+        if kind == "user" and not resource:
+            shared = set(await self.rt.shared_with(identity))
+            return Channel(self, name, "user", None, shared=shared)
+        if kind not in ("job", "dataset") or not _ID.match(resource):
+            raise ChannelError("INVALID_CHANNEL", 'channel must be "job:<id>", "dataset:<id>" or "user".')
+        verdict = await self.rt.can_read(identity, kind, resource)
+        if not verdict.readable:
+            raise ChannelError("CHANNEL_NOT_FOUND", f"No {kind} {resource} that you can read.")
+        return Channel(self, name, kind, resource)
+
+
+def _client_reason(code: int | None) -> str:
+    if code in (1000, 1001):
+        return "client_closed"
+    return "connection_lost"  # 1006 (no close frame), 1011 (the heartbeat went unanswered), ...
+
+
+class Channel:
+    """One socket's subscription: a sink of the hub (see :mod:`.live`)."""
+
+    def __init__(
+        self, conn: Connection, name: str, kind: str, resource: str | None, *, shared: set[str] | None = None
+    ) -> None:
+        self.conn = conn
+        self.name = name
+        self.kind = kind
+        self.resource = resource
+        self.shared = shared if shared is not None else set()
+        self.last_seq = 0
+        self.buffer: list[LiveEvent] | None = []
+        self.filters: set[str] = set()
+        self.detached = False
+        self.counted = False
+        user = conn.identity.user_id
+        if kind == "job":
+            assert resource is not None
+            self.base_filters = [job_events_filter(resource)]
+        elif kind == "dataset":
+            assert resource is not None
+            self.base_filters = [dataset_events_filter(resource)]
+        else:
+            self.base_filters = [user_job_events_filter(user), owner_dataset_events_filter(user), SHARE_FEED]
+
+    def all_filters(self) -> list[str]:
+        return [*self.base_filters, *(dataset_events_filter(d) for d in sorted(self.shared))]
+
+    async def start(self, since: int | None, request_id: Any) -> None:
+        rt = self.conn.rt
+        for subject_filter in self.all_filters():
+            await self._listen(subject_filter)
+        rt.metrics.subscriptions.labels(self.kind).inc()
+        self.counted = True
+        bounds = await stream_bounds(rt.bus)
+        recovered = True
+        replayed = 0
+        if since is None:
+            self.last_seq = bounds.last_seq
+        elif since > 0 and since + 1 < bounds.first_seq:
+            recovered, self.last_seq = False, bounds.last_seq
+        else:
+            self.last_seq = since
+        if since is not None and recovered and bounds.last_seq > since:
+            try:
+                events = replay(rt.bus, self.all_filters(), after=since, limit=rt.settings.max_replay)
+                first = True
+                async for event in events:
+                    if first:
+                        self._subscribed(request_id, True, since)
+                        first = False
+                    if event.seq <= self.last_seq or not self._accepts(event):
+                        continue
+                    self.last_seq = event.seq
+                    self.conn.push(event.frame(self.name), "replay")
+                    self._react(event)
+                    replayed += 1
+                    await self.conn.room()
+                if first:
+                    self._subscribed(request_id, True, since)
+            except ReplayTooLong:
+                recovered, self.last_seq = False, bounds.last_seq
+                self._subscribed(request_id, False, self.last_seq)
+            rt.metrics.replayed.inc(replayed)
+        else:
+            self._subscribed(request_id, recovered, self.last_seq)
+        buffered, self.buffer = self.buffer or [], None
+        for event in buffered:
+            self.offer(event, "")
+
+    def _subscribed(self, request_id: Any, recovered: bool, seq: int) -> None:
+        self.conn.control(
+            {"type": "subscribed", "channel": self.name, "id": request_id, "recovered": recovered, "seq": seq}
+        )
+
+    async def _listen(self, subject_filter: str) -> None:
+        if subject_filter in self.filters or self.detached:
+            return
+        self.filters.add(subject_filter)
+        await self.conn.rt.hub.add(subject_filter, self)
+        self.conn.rt.metrics.nats_subscriptions.set(self.conn.rt.hub.subscriptions)
+
+    def _forget(self, subject_filter: str) -> None:
+        if subject_filter in self.filters:
+            self.filters.discard(subject_filter)
+            self.conn.rt.hub.remove(subject_filter, self)
+
+    def detach(self) -> None:
+        if self.detached:
+            return
+        self.detached = True
+        for subject_filter in list(self.filters):
+            self._forget(subject_filter)
+        if self.counted:
+            self.conn.rt.metrics.subscriptions.labels(self.kind).dec()
+        self.conn.rt.metrics.nats_subscriptions.set(self.conn.rt.hub.subscriptions)
+
+    # -- the hub's side -------------------------------------------------------------------------------------------
+    def offer(self, event: LiveEvent, via: str) -> None:
+        if self.detached or event.seq <= self.last_seq:
+            return
+        if self.buffer is not None:
+            self.buffer.append(event)
+            return
+        if not self._accepts(event):
+            return
+        self.last_seq = event.seq
+        if event.progress:
+            self.conn.push(event.frame(self.name), "progress", key=self.name, when=event.time)
+        else:
+            self.conn.push(event.frame(self.name), "event", when=event.time)
+        self._react(event)
+
+    def resync(self) -> None:
+        self.conn.close(RESYNC, "The gateway missed events: reconnect and resume with since.", "resync")
+
+    def _accepts(self, event: LiveEvent) -> bool:
+        """The user channel follows the share feed for grants to this user only; other channels take all."""
+        if self.kind != "user" or not event.subject.startswith(DATASET_EVENT_PREFIX + "."):
+            return True
+        tokens = event.subject.split(".")
+        if len(tokens) != 6:
+            return False
+        owner, dataset = tokens[4], tokens[5]
+        if owner == self.conn.identity.user_id or dataset in self.shared:
+            return True
+        return tokens[3] == "shared" and _grants(event.data, self.conn.identity)
+
+    def _react(self, event: LiveEvent) -> None:
+        """Follow what a share or a deletion changes about what this channel may read."""
+        if not event.subject.startswith(DATASET_EVENT_PREFIX + "."):
+            return
+        verb = event.subject.split(".")[3]
+        dataset = str(event.data.get("dataset_id", ""))
+        if not dataset:
+            return
+        if verb == "shared":
+            self.conn.rt.forget_access("dataset", dataset)
+            if self.kind == "user" and event.data.get("permission") and _grants(event.data, self.conn.identity):
+                if dataset not in self.shared and event.data.get("owner_id") != self.conn.identity.user_id:
+                    self.shared.add(dataset)
+                    self.conn._spawn(self._listen(dataset_events_filter(dataset)))
+            elif event.data.get("permission") is None:
+                self.conn._spawn(self._recheck(dataset))
+        elif verb == "deleted" and self.kind == "user" and dataset in self.shared:
+            self.shared.discard(dataset)
+            self._forget(dataset_events_filter(dataset))
+
+    async def _recheck(self, dataset: str) -> None:
+        """A share was removed: does this subscriber still read the dataset (another share, their role)?"""
+        identity = self.conn.identity
+        if self.kind == "user" and dataset not in self.shared:
+            return
+        try:
+            verdict = await self.conn.rt.can_read(identity, "dataset", dataset, fresh=True)
+        except StrataError:
+            return  # keep what we have; the next change asks again
+        if verdict.readable or self.detached:
+            return
+        if self.kind == "user":
+            self.shared.discard(dataset)
+            self._forget(dataset_events_filter(dataset))
+        elif self.conn.channels.get(self.name) is self:
+            del self.conn.channels[self.name]
+            self.detach()
+            self.conn.control({"type": "unsubscribed", "channel": self.name, "reason": "access_revoked"})
+
+
+def _grants(data: dict[str, Any], identity: Identity) -> bool:
+    grantee_type, grantee = data.get("grantee_type"), data.get("grantee")
+    if grantee_type == "user":
+        return grantee == identity.user_id
+    if grantee_type == "role":
+        try:
+            return identity.role.at_least(Role(str(grantee)))
+        except ValueError:
+            return False
+    return False
