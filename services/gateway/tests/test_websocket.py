@@ -579,3 +579,48 @@ def test_progress_frames_are_built_once_per_channel() -> None:
     assert json.loads(frame("job:j")) == {"channel": "job:j", "seq": 7, "type": body["type"], "event": body}
     assert LiveEvent.parse(8, "s", b"not json") is None
     assert websockets.__version__
+
+
+# -- what cannot be replayed -----------------------------------------------------------------------------------------
+async def test_resume_after_retention_removed_events_says_recovered_false(tmp_path: Path, fresh_nats: Any) -> None:
+    own_bus = Bus(fresh_nats.url, name="test-retention")
+    await own_bus.start()
+    state = Services()
+    execution = RpcServer(own_bus, service="execution")
+    execution.register("can_read_job", ReadCheck, state.can_read_job)
+    await execution.start()
+    try:
+        async with gateway(tmp_path, fresh_nats.url) as url:
+            job = new_job(state)
+            seqs = [await publish_job(own_bus, job, s) for s in ("queued", "running")]
+            for i in range(5):
+                await publish_progress(own_bus, job, i / 10)
+            await own_bus.js.purge_stream(EVENTS_STREAM, keep=2)  # as the age or size limit does
+            ws = await signed_in(url)
+            answer = await subscribe(ws, f"job:{job}", since=seqs[0])
+            assert answer["recovered"] is False
+            info = await own_bus.js.stream_info(EVENTS_STREAM)
+            assert answer["seq"] == info.state.last_seq  # live events follow it; the client refetches the state
+            live = await publish_job(own_bus, job, "succeeded")
+            assert [m["seq"] for m in await events(ws, 1)] == [live]
+            await ws.close()
+    finally:
+        await execution.stop()
+        await own_bus.close()
+
+
+async def test_more_missed_events_than_the_replay_limit_says_recovered_false(
+    tmp_path: Path, nats_url: str, services: Services, bus: Bus
+) -> None:
+    async with gateway(tmp_path, nats_url, ws_max_replay=3) as url:
+        job = new_job(services)
+        first = await publish_job(bus, job, "queued")
+        for i in range(5):
+            await publish_progress(bus, job, i / 10)
+        ws = await signed_in(url)
+        answer = await subscribe(ws, f"job:{job}", since=first)
+        assert answer["recovered"] is False
+        live = await publish_job(bus, job, "running")
+        assert [m["seq"] for m in await events(ws, 1)] == [live]
+        assert (await subscribe(ws, "user", since=live))["recovered"] is True  # a small replay is fine
+        await ws.close()
