@@ -115,10 +115,12 @@ def exposed_metrics() -> set[str]:
     from strata.common.app import RuntimeMetrics
     from strata.common.observability import Metrics
     from strata.execution.worker import WorkerMetrics
+    from strata.gateway.sockets import WsMetrics
 
     metrics = Metrics("deploy-test")
     RuntimeMetrics(metrics)
     WorkerMetrics(metrics)
+    WsMetrics(metrics)
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names = {family.name + s for family in metrics.registry.collect() for s in suffixes.get(family.type, ("",))}
     assert {"strata_http_requests_total", "strata_consumer_pending_messages", "strata_nats_connected"} <= names
@@ -259,6 +261,108 @@ tests:
             exp_annotations:
               summary: "execution: 10% of jobs wait more than a minute for a worker"
               description: "The job queue is longer than the workers can take. Scale execution, or raise its workers."
+  # WebSockets, a busy gateway of two replicas (1,000 sockets, 100 live frames a minute). Fan-out: p99 0.455 s for
+  # 20 minutes (nine frames in ten under 50 ms, the rest under 0.5 s), then 0.875 s (4 in 100 between 0.5 and 1 s).
+  # Slow consumers: 5 closed a minute (0.5% of the sockets) for 20 minutes, then 30 (3%). Resync: replica g1 closes
+  # its 40 sockets at 5m (the counter's series is born at 40), and 60 more at 30m.
+  - interval: 1m
+    input_series:
+      - series: 'strata_ws_fanout_latency_seconds_bucket{service="gateway",instance="g1:8000",le="0.05"}'
+        values: '0+90x60'
+      - series: 'strata_ws_fanout_latency_seconds_bucket{service="gateway",instance="g1:8000",le="0.5"}'
+        values: '0+100x20 2096+96x40'
+      - series: 'strata_ws_fanout_latency_seconds_bucket{service="gateway",instance="g1:8000",le="1.0"}'
+        values: '0+100x60'
+      - series: 'strata_ws_fanout_latency_seconds_bucket{service="gateway",instance="g1:8000",le="+Inf"}'
+        values: '0+100x60'
+      - series: 'strata_ws_fanout_latency_seconds_count{service="gateway",instance="g1:8000"}'
+        values: '0+100x60'
+      - series: 'strata_ws_connections{service="gateway",instance="g1:8000"}'
+        values: '500x60'
+      - series: 'strata_ws_connections{service="gateway",instance="g2:8000"}'
+        values: '500x60'
+      - series: 'strata_ws_disconnects_total{service="gateway",instance="g1:8000",reason="slow_consumer"}'
+        values: '0+5x20 130+30x40'
+      - series: 'strata_ws_disconnects_total{service="gateway",instance="g2:8000",reason="client_closed"}'
+        values: '0+100x60'
+      - series: 'strata_ws_disconnects_total{service="gateway",instance="g1:8000",reason="resync"}'
+        values: '_ _ _ _ _ 40x24 100x30'
+    alert_rule_test:
+      - eval_time: 15m
+        alertname: StrataWsFanoutLatencyHigh
+        exp_alerts: []
+      - eval_time: 30m  # slow since 20m, but not yet for 10 minutes
+        alertname: StrataWsFanoutLatencyHigh
+        exp_alerts: []
+      - eval_time: 40m
+        alertname: StrataWsFanoutLatencyHigh
+        exp_alerts:
+          - exp_labels: {severity: warning, service: gateway}
+            exp_annotations:
+              summary: "gateway: p99 of live-event fan-out is 875ms"
+              description: >-
+                For 10 minutes, 1% of live events took more than 0.5 s from the event's time to its frame handed to a
+                socket. That time counts the publishing service's outbox relay, JetStream, the NATS hop and the
+                socket's queue: check StrataOutboxPendingGrowing and the gateway's CPU (scale the gateway), then
+                clock skew between nodes.
+      - eval_time: 18m  # above the floor of 3 a minute for 18 minutes, but under 2% of the sockets
+        alertname: StrataWsSlowConsumers
+        exp_alerts: []
+      - eval_time: 40m
+        alertname: StrataWsSlowConsumers
+        exp_alerts:
+          - exp_labels: {severity: warning, service: gateway}
+            exp_annotations:
+              summary: "gateway: 30 sockets a minute closed as too slow (4500)"
+              description: >-
+                For 10 minutes, more than 2% of the open sockets a minute (and at least 3) overflowed their queue
+                (STRATA_GATEWAY_WS_MAX_QUEUE) and were closed with 4500. Each one reconnects and replays what it
+                missed, which adds load. Look at the gateway's CPU and the dashboard's fan-out latency and bytes out;
+                scale the gateway, or find the burst of events (progress is coalesced, state changes are not).
+      - eval_time: 3m
+        alertname: StrataWsResync
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: StrataWsResync
+        exp_alerts: &resync
+          - exp_labels: {severity: warning, service: gateway}
+            exp_annotations:
+              summary: "gateway: sockets were closed because the gateway lost its event feed"
+              description: >-
+                A gateway replica lost NATS and, once back, could not catch up from JetStream (more than
+                STRATA_GATEWAY_WS_MAX_REPLAY events missed, or the catch-up failed), so it closed its sockets with
+                4503. Clients reconnect and resume with since, so no event is lost, but all of that replica's
+                clients reconnected at once. Look for StrataNatsDisconnected, NATS server restarts and the gateway's
+                log.
+      - eval_time: 25m
+        alertname: StrataWsResync
+        exp_alerts: []
+      - eval_time: 32m
+        alertname: StrataWsResync
+        exp_alerts: *resync
+  # WebSockets, a small gateway: every frame is slow and a tenth of the sockets overflow each minute, but 3 frames
+  # and 2 closes a minute are too few to mean anything.
+  - interval: 1m
+    input_series:
+      - series: 'strata_ws_fanout_latency_seconds_bucket{service="gateway",instance="g1:8000",le="0.5"}'
+        values: '0x40'
+      - series: 'strata_ws_fanout_latency_seconds_bucket{service="gateway",instance="g1:8000",le="1.0"}'
+        values: '0+3x40'
+      - series: 'strata_ws_fanout_latency_seconds_bucket{service="gateway",instance="g1:8000",le="+Inf"}'
+        values: '0+3x40'
+      - series: 'strata_ws_fanout_latency_seconds_count{service="gateway",instance="g1:8000"}'
+        values: '0+3x40'
+      - series: 'strata_ws_connections{service="gateway",instance="g1:8000"}'
+        values: '20x40'
+      - series: 'strata_ws_disconnects_total{service="gateway",instance="g1:8000",reason="slow_consumer"}'
+        values: '0+2x40'
+    alert_rule_test:
+      - eval_time: 30m
+        alertname: StrataWsFanoutLatencyHigh
+        exp_alerts: []
+      - eval_time: 30m
+        alertname: StrataWsSlowConsumers
+        exp_alerts: []
 """
 
 
@@ -306,7 +410,7 @@ def test_dashboard_queries_only_exposed_metrics(exposed_metrics: set[str]) -> No
     assert len(exprs) >= 15
     queried = {m for _, expr in exprs for m in METRIC_TOKEN.findall(expr)}
     assert not queried - exposed_metrics, f"the dashboard queries unknown metrics: {sorted(queried - exposed_metrics)}"
-    # It covers RED, events, outbox, consumer lag and RPC.
+    # It covers RED, events, outbox, consumer lag, RPC and live events (WebSocket).
     for family in (
         "strata_http_requests_total",
         "strata_http_request_duration_seconds_bucket",
@@ -314,6 +418,8 @@ def test_dashboard_queries_only_exposed_metrics(exposed_metrics: set[str]) -> No
         "strata_consumer_pending_messages",
         "strata_events_consumed_total",
         "strata_rpc_requests_total",
+        "strata_ws_connections",
+        "strata_ws_fanout_latency_seconds_bucket",
     ):
         assert family in queried
 

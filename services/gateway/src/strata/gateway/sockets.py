@@ -619,6 +619,8 @@ class Connection:
 
 
 def _client_reason(code: int | None) -> str:
+    if code == 1012:
+        return "shutdown"  # uvicorn closes every socket with 1012 ("service restart") when it stops
     if code in (1000, 1001):
         return "client_closed"
     return "connection_lost"  # 1006 (no close frame), 1011 (the heartbeat went unanswered), ...
