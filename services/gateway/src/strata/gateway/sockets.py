@@ -209,10 +209,13 @@ class Realtime:
             ReadCheck(user_id=identity.user_id, role=identity.role, resource_id=resource_id),
             ReadVerdict,
         )
-        self._access[key] = (now + self.settings.access_cache_s, verdict)
-        self._access.move_to_end(key)
-        while len(self._access) > 100_000:
-            self._access.popitem(last=False)
+        if verdict.readable:  # a refusal is asked again next time: a share may come any moment
+            self._access[key] = (now + self.settings.access_cache_s, verdict)
+            self._access.move_to_end(key)
+            while len(self._access) > 100_000:
+                self._access.popitem(last=False)
+        else:
+            self._access.pop(key, None)
         return verdict
 
     def forget_access(self, kind: str, resource_id: str) -> None:
