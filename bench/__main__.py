@@ -1,4 +1,4 @@
-"""``python -m bench [gateway|auth|events|datasets|execution|all]``: run the benchmarks, print their tables.
+"""``python -m bench [gateway|auth|events|datasets|execution|ws|all]``: run the benchmarks, print their tables.
 
 What each measures, and the figures: bench/README.md.
 """
@@ -20,7 +20,7 @@ from . import machine
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "which", nargs="?", default="all", choices=("all", "gateway", "auth", "events", "datasets", "execution")
+        "which", nargs="?", default="all", choices=("all", "gateway", "auth", "events", "datasets", "execution", "ws")
     )
     parser.add_argument("--quick", action="store_true", help="short runs, to check that the benchmarks work")
     parser.add_argument(
@@ -93,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             kwargs.update(small_calls=60, warmup_calls=10, block=20, big_rows=2_000_000, heavy_rounds=3, jobs=200)
         results["execution"] = execution.run(**kwargs)
         print(f"(execution benchmark took {time.monotonic() - started:.0f}s)", flush=True)
+    if args.which in ("all", "ws"):
+        from . import ws_fanout
+
+        started = time.monotonic()
+        print("\n== WebSocket: fan-out and resume ==", flush=True)
+        kwargs = {}
+        if args.quick:
+            kwargs.update(clients=(100, 500), rates=(10_000, 20_000), seconds=4.0, resume_rounds=1)
+        results["ws"] = ws_fanout.run(**kwargs)
+        print(f"(WebSocket benchmark took {time.monotonic() - started:.0f}s)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"\nfigures written to {args.json}")

@@ -1,11 +1,11 @@
 """A reference client of the gateway's WebSocket, ``WS /api/v1/ws`` (docs/realtime.md), used by tests and benchmarks.
 
-It signs in with the first message (or the ``strata_access`` cookie), matches answers to requests by the ``id`` it
-sets, and yields the event messages (``{"channel", "seq", "type", "event"}``) of the channels it follows, each once and
-in order: an event whose ``seq`` is not above the last one seen on its channel is dropped and counted. When the
-connection is lost (close codes 1001, 1006, 1011, 45xx, or a connection error) it reconnects with backoff, signs in
-again and resubscribes every channel with ``since`` = the last ``seq`` seen there. Any other close code ends the
-session: the iterator raises :class:`SessionClosed` (4401, 4403, 4408 and 4429 need the caller to change something).
+It signs in with the first message (or the ``strata_access`` cookie), matches answers to requests by the ``id`` it sets,
+and yields the event messages (``{"channel", "seq", "type", "event"}``) of the channels it follows, each once and in
+order: an event whose ``seq`` is not above the last one seen on its channel is dropped and counted. When the connection
+is lost (close codes 1001, 1006, 1011, 1012, 45xx, or a connection error) it reconnects with backoff, signs in again and
+resubscribes every channel with ``since`` = the last ``seq`` seen there. Any other close code ends the session: the
+iterator raises :class:`SessionClosed` (4401, 4403, 4408 and 4429 need the caller to change something).
 
     async with WsClient(url, token=get_access_token) as client:
         await client.subscribe(f"job:{job_id}")
@@ -34,8 +34,8 @@ ACCESS_COOKIE = "strata_access"
 
 
 def resumable(code: int) -> bool:
-    """Close codes that mean "reconnect and resume": shutdown, internal error, abnormal closure, 45xx."""
-    return code in (1001, 1006, 1011) or 4500 <= code <= 4599
+    """Close codes that mean "reconnect and resume": going away, abnormal closure, internal error, restart, 45xx."""
+    return code in (1001, 1006, 1011, 1012) or 4500 <= code <= 4599
 
 
 class WsError(Exception):

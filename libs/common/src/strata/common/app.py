@@ -8,6 +8,7 @@ stopped by the app's lifespan, which yields it as typed state. Every app gets ``
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -343,6 +344,9 @@ def create_service_app(
         )
         await runtime.start()
         extra = (await on_started(runtime) if on_started is not None else None) or {}
+        # Everything made so far (modules, the app, its routes and models) lives as long as the process: move it out
+        # of the collector's reach, so a full collection walks only what requests create (pauses of 100+ ms otherwise).
+        gc.freeze()
         try:
             # What on_started returns joins the state: routes find it on request.state.
             yield {"runtime": runtime, "settings": settings, **extra}  # type: ignore[typeddict-item]

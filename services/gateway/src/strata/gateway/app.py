@@ -11,13 +11,14 @@ import asyncio
 from typing import Any
 
 import aiohttp
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.middleware import Middleware
 
 from strata.common import __version__
 from strata.common.app import Runtime, create_service_app
 from strata.common.consumer import MemoryDedup
+from strata.common.contracts.realtime import WS_PATH
 from strata.common.deps import AdminUser
 from strata.common.observability import Metrics
 
@@ -27,7 +28,7 @@ from .instances import InstanceRegistry, consumer_spec
 from .openapi import OpenApiAggregator, install_docs
 from .proxy import Policy, Proxy, upstream_session
 from .ratelimit import Limit, RateLimiter, create_rate_limiter
-from .sockets import Realtime, WsSettings
+from .sockets import Realtime, RealtimeMiddleware, WsSettings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -157,11 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"data": data, "meta": {"next_cursor": None, "limit": len(data)}}
 
     app.state.realtime = realtime
-
-    @app.websocket("/api/v1/ws")
-    async def websocket(socket: WebSocket) -> None:
-        """Live events: see docs/realtime.md."""
-        await realtime.serve(socket)
+    # Outermost: live events (docs/realtime.md) skip the HTTP middleware, which passes WebSockets through anyway.
+    app.add_middleware(RealtimeMiddleware, realtime=realtime, path=WS_PATH)
 
     aggregator = OpenApiAggregator(
         upstreams=upstreams,

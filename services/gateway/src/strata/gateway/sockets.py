@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from fastapi import WebSocket
 from prometheus_client import Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketState
 
 from strata.common.auth import TokenVerifier
@@ -53,6 +54,7 @@ SLOW_CONSUMER = 4500
 RESYNC = 4503
 
 SHARE_FEED = f"{DATASET_EVENT_PREFIX}.shared.*.*"
+_DATASET_HEAD = DATASET_EVENT_PREFIX + "."
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CLOSE_REASON_BYTES = 120
 
@@ -109,10 +111,7 @@ class WsMetrics:
             "strata_ws_nats_subscriptions", "NATS subscriptions this replica holds for its sockets.", registry=r
         )
         # Bound children: the fan-out path increments these per frame.
-        self.sent_event = self.messages.labels("event")
-        self.sent_progress = self.messages.labels("progress")
-        self.sent_replay = self.messages.labels("replay")
-        self.sent_control = self.messages.labels("control")
+        self.sent = {kind: self.messages.labels(kind) for kind in ("event", "progress", "replay", "control")}
         self.coalesced = self.dropped.labels("coalesced")
 
 
@@ -229,7 +228,7 @@ class Realtime:
         return reply.dataset_ids
 
     # -- the endpoint ---------------------------------------------------------------------------------------------
-    async def serve(self, websocket: WebSocket) -> None:
+    async def serve(self, websocket: WebSocket, raw_send: Send) -> None:
         if not self.origin_allowed(websocket):
             self.metrics.disconnects.labels("origin_refused").inc()
             await websocket.close(code=1008)  # before accept: the handshake is answered 403
@@ -241,7 +240,7 @@ class Realtime:
         identity = await self._authenticate(websocket)
         if identity is None:
             return
-        conn = Connection(self, websocket, identity)
+        conn = Connection(self, websocket, identity, raw_send)
         if not self.register(conn):
             self.metrics.disconnects.labels("too_many_connections").inc()
             await _close(
@@ -295,6 +294,28 @@ class Realtime:
         return identity
 
 
+class RealtimeMiddleware:
+    """Serves ``WS /api/v1/ws`` ahead of the app's routing and middleware: the hot path (one ``send`` per frame per
+    socket) goes straight to the server, without the wrappers a routed endpoint's ``send`` passes through."""
+
+    def __init__(self, app: ASGIApp, *, realtime: Realtime, path: str) -> None:
+        self.app = app
+        self.realtime = realtime
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        websocket = WebSocket(scope, receive=receive, send=send)
+        try:
+            await self.realtime.serve(websocket, send)
+        except Exception:
+            log.exception("the WebSocket session failed")
+            self.realtime.metrics.disconnects.labels("server_error").inc()
+            await _close(websocket, INTERNAL_ERROR, "Internal error: reconnect and resume.")
+
+
 def _auth_token(text: str | None) -> str | None:
     if not text or len(text) > 16_384:
         return None
@@ -326,15 +347,16 @@ class _Frame:
 
 
 class Connection:
-    def __init__(self, realtime: Realtime, websocket: WebSocket, identity: Identity) -> None:
+    def __init__(self, realtime: Realtime, websocket: WebSocket, identity: Identity, raw_send: Send) -> None:
         self.rt = realtime
         self.ws = websocket
+        self.raw_send = raw_send
         self.identity = identity
         self.channels: dict[str, Channel] = {}
         self._queue: deque[_Frame] = deque()
         self._queued = 0  # frames in the queue that will be sent (coalesced ones are not)
         self._progress: dict[str, _Frame] = {}
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # the idle sender waits on it
         self._room = asyncio.Event()
         self._room.set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -435,7 +457,9 @@ class Connection:
             return
         if self._queued > self.rt.settings.max_queue // 2:
             self._room.clear()
-        self._wake.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def control(self, message: dict[str, Any]) -> None:
         self.push(json.dumps(message, separators=(",", ":")), "control")
@@ -445,36 +469,41 @@ class Connection:
         await self._room.wait()
 
     async def _send_loop(self) -> None:
+        """Drain the queue into the socket. Counters are added up per batch (a wake-up), not per frame."""
         metrics = self.rt.metrics
-        counters = {
-            "event": metrics.sent_event,
-            "progress": metrics.sent_progress,
-            "replay": metrics.sent_replay,
-            "control": metrics.sent_control,
-        }
-        send = self.ws.send
+        send = self.raw_send  # the server's own ASGI send: no wrapper between the queue and the socket
         queue = self._queue
         low = self.rt.settings.max_queue // 4
+        loop = asyncio.get_running_loop()
+        observe = metrics.latency.observe
+        clock = time.time
         while True:
-            if not queue:
-                self._wake.clear()
-                self._room.set()
-                await self._wake.wait()
-                continue
-            frame = queue.popleft()
-            text = frame.text
-            if text is None:
-                continue
-            if frame.key is not None and self._progress.get(frame.key) is frame:
-                del self._progress[frame.key]
-            self._queued -= 1
-            if self._queued <= low:
-                self._room.set()
-            await send({"type": "websocket.send", "text": text})
-            counters[frame.kind].inc()
-            metrics.bytes.inc(len(text))
-            if frame.time is not None:
-                metrics.latency.observe(max(time.time() - frame.time, 0.0))
+            sent = {"event": 0, "progress": 0, "replay": 0, "control": 0}
+            size = 0
+            while queue:
+                frame = queue.popleft()
+                text = frame.text
+                if text is None:
+                    continue
+                if frame.key is not None and self._progress.get(frame.key) is frame:
+                    del self._progress[frame.key]
+                self._queued -= 1
+                if self._queued <= low:
+                    self._room.set()
+                await send({"type": "websocket.send", "text": text})
+                sent[frame.kind] += 1
+                size += len(text)
+                if frame.time is not None:
+                    observe(max(clock() - frame.time, 0.0))
+            if size:
+                for kind, count in sent.items():
+                    if count:
+                        metrics.sent[kind].inc(count)
+                metrics.bytes.inc(size)
+            self._room.set()
+            self._waiter = loop.create_future()
+            await self._waiter
+            self._waiter = None
 
     # -- the client's messages ------------------------------------------------------------------------------------
     async def _read_loop(self) -> int | None:
@@ -748,7 +777,7 @@ class Channel:
 
     def _accepts(self, event: LiveEvent) -> bool:
         """The user channel follows the share feed for grants to this user only; other channels take all."""
-        if self.kind != "user" or not event.subject.startswith(DATASET_EVENT_PREFIX + "."):
+        if self.kind != "user" or not event.subject.startswith(_DATASET_HEAD):
             return True
         tokens = event.subject.split(".")
         if len(tokens) != 6:
@@ -760,7 +789,7 @@ class Channel:
 
     def _react(self, event: LiveEvent) -> None:
         """Follow what a share or a deletion changes about what this channel may read."""
-        if not event.subject.startswith(DATASET_EVENT_PREFIX + "."):
+        if not event.subject.startswith(_DATASET_HEAD):
             return
         verb = event.subject.split(".")[3]
         dataset = str(event.data.get("dataset_id", ""))
