@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== WebSocket: fan-out and resume ==", flush=True)
         kwargs = {}
         if args.quick:
-            kwargs.update(clients=(100, 500), rates=(10_000, 20_000), seconds=4.0, resume_rounds=1)
+            kwargs.update(clients=(100, 500), rates=(10_000, 20_000), seconds=4.0, settle_s=3.0, resume_rounds=1)
         results["ws"] = ws_fanout.run(**kwargs)
         print(f"(WebSocket benchmark took {time.monotonic() - started:.0f}s)", flush=True)
     if args.json:

@@ -624,3 +624,17 @@ async def test_more_missed_events_than_the_replay_limit_says_recovered_false(
         assert [m["seq"] for m in await events(ws, 1)] == [live]
         assert (await subscribe(ws, "user", since=live))["recovered"] is True  # a small replay is fine
         await ws.close()
+
+
+async def test_subscription_limit_holds_for_subscribes_sent_at_once(
+    tmp_path: Path, nats_url: str, services: Services
+) -> None:
+    async with gateway(tmp_path, nats_url, ws_max_subscriptions=3) as url:
+        ws = await signed_in(url)
+        jobs = [new_job(services) for _ in range(6)]
+        for i, job in enumerate(jobs):  # all sent before any answer: the limit counts those still being authorized
+            await ws.send(json.dumps({"type": "subscribe", "channel": f"job:{job}", "id": i}))
+        answers = [await recv(ws) for _ in jobs]
+        kinds = sorted(a["type"] if a["type"] == "subscribed" else a["error"]["code"] for a in answers)
+        assert kinds == ["TOO_MANY_SUBSCRIPTIONS"] * 3 + ["subscribed"] * 3
+        await ws.close()

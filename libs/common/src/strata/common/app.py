@@ -346,7 +346,11 @@ def create_service_app(
         extra = (await on_started(runtime) if on_started is not None else None) or {}
         # Everything made so far (modules, the app, its routes and models) lives as long as the process: move it out
         # of the collector's reach, so a full collection walks only what requests create (pauses of 100+ ms otherwise).
+        # And collect the young generation only after a real net growth of live objects: at the default (700) a burst
+        # of short-lived objects (one WebSocket frame per socket) triggers collections that promote them, and the old
+        # generation then fills with them until a full collection walks every connection's objects.
         gc.freeze()
+        gc.set_threshold(settings.gc_young_threshold, *gc.get_threshold()[1:])
         try:
             # What on_started returns joins the state: routes find it on request.state.
             yield {"runtime": runtime, "settings": settings, **extra}  # type: ignore[typeddict-item]
@@ -363,7 +367,8 @@ def create_service_app(
         description=description,
         version=__version__,
         lifespan=lifespan,
-        telemetry={"tracing": True, "metrics": False, "logs": False},
+        # A WebSocket lives for hours: a span that long tells nothing and holds its objects all along.
+        telemetry={"tracing": True, "metrics": False, "logs": False, "exclude": _is_websocket},
         openapi_url=openapi_url,
     )
     install_error_handlers(app)
@@ -404,6 +409,10 @@ def create_service_app(
     for router in routers:
         app.include_router(router)
     return app
+
+
+def _is_websocket(scope: Any) -> bool:
+    return bool(scope["type"] == "websocket")
 
 
 def _is_ok(value: Any) -> bool:

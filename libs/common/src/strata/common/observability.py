@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import sys
 import time
 import uuid
+import weakref
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -105,6 +107,24 @@ def setup_logging(*, service: str, instance: str, level: str = "INFO", fmt: str 
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
+GC_PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_gc_pauses: weakref.WeakSet[Histogram] = weakref.WeakSet()
+_gc_started = [0.0]
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    """Time each collection: a full one stops the event loop for as long as it walks every live object."""
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+        return
+    seconds = time.perf_counter() - _gc_started[0]
+    for histogram in list(_gc_pauses):
+        histogram.labels(str(info["generation"])).observe(seconds)
+
+
+gc.callbacks.append(_on_gc)
+
+
 class Metrics:
     """The Prometheus registry of one app and the HTTP RED metrics in it. Services add their own to ``registry``."""
 
@@ -114,6 +134,14 @@ class Metrics:
         process_collector.ProcessCollector(registry=self.registry)
         platform_collector.PlatformCollector(registry=self.registry)
         gc_collector.GCCollector(registry=self.registry)
+        self.gc_pause = Histogram(
+            "strata_gc_pause_seconds",
+            "Time the cyclic garbage collector stopped the process, by generation (2: a full collection).",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=self.registry,
+        )
+        _gc_pauses.add(self.gc_pause)
         self.requests = Counter(
             "strata_http_requests_total",
             "HTTP requests answered, by method, route template and status.",

@@ -50,6 +50,8 @@ class ServiceSettings(BaseSettings):
     #: How long a resolved API key is trusted before asking the auth service again (a revocation's delay).
     api_key_cache_ttl_s: float = Field(default=30.0, ge=0)
     outbox_poll_interval_s: float = Field(default=1.0, gt=0)
+    #: Net new objects before the garbage collector's young-generation pass (CPython's default: 700). See app.py.
+    gc_young_threshold: int = Field(default=50_000, ge=100)
 
     @classmethod
     def settings_customise_sources(

@@ -353,6 +353,8 @@ class Connection:
         self.raw_send = raw_send
         self.identity = identity
         self.channels: dict[str, Channel] = {}
+        self._opening: set[str] = set()  # subscribes waiting for their authorization
+        self._abandoned: set[str] = set()  # ... and unsubscribed meanwhile
         self._queue: deque[_Frame] = deque()
         self._queued = 0  # frames in the queue that will be sent (coalesced ones are not)
         self._progress: dict[str, _Frame] = {}
@@ -360,29 +362,33 @@ class Connection:
         self._room = asyncio.Event()
         self._room.set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timer: asyncio.TimerHandle | None = None  # the token's expiry: a warning, then the deadline
         self._closing: tuple[int, str] | None = None
-        self._close_requested = asyncio.Event()
+        self._runner: asyncio.Task[Any] | None = None
+        self._sender: asyncio.Task[None] | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def run(self) -> None:
-        sender = asyncio.create_task(self._send_loop(), name="ws-sender")
-        closer = asyncio.create_task(self._close_requested.wait(), name="ws-closer")
-        reader = asyncio.create_task(self._read_loop(), name="ws-reader")
+        """Read the client's messages in this task; a sender task drains the queue. :meth:`close` cancels this
+        task's read, which is how a close from elsewhere (revocation, overflow, expiry) ends the session."""
+        self._runner = asyncio.current_task()
+        self._sender = asyncio.create_task(self._send_loop(), name="ws-sender")
+        self._sender.add_done_callback(self._sender_ended)
         try:
             self._welcome()
-            done, _ = await asyncio.wait({sender, closer, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done and self._closing is None:
-                code = reader.result() if not reader.cancelled() and reader.exception() is None else None
+            code = await self._read_loop()
+            if self._closing is None:
                 self.rt.metrics.disconnects.labels(_client_reason(code)).inc()
-            elif sender in done and self._closing is None:
-                self.rt.metrics.disconnects.labels("send_failed").inc()
+        except asyncio.CancelledError:
+            if self._closing is None:
+                raise  # not ours: the server is stopping this task
         finally:
-            for task in (sender, closer, reader, *self._tasks):
+            self._sender.cancel()
+            for task in list(self._tasks):
                 task.cancel()
-            for timer in self._timers:
-                timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
             for channel in list(self.channels.values()):
                 channel.detach()
             self.channels.clear()
@@ -392,13 +398,18 @@ class Connection:
             if not self.done.done():
                 self.done.set_result(None)
 
+    def _sender_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and self._closing is None:
+            self.close(INTERNAL_ERROR, "Sending failed: reconnect and resume.", "send_failed")
+
     def close(self, code: int, reason: str, metric: str) -> None:
         """Close the socket soon (from any task or callback): what is queued is dropped, the close frame goes out."""
         if self._closing is not None:
             return
         self._closing = (code, reason)
         self.rt.metrics.disconnects.labels(metric).inc()
-        self._close_requested.set()
+        if self._runner is not None and self._runner is not asyncio.current_task():
+            self._runner.cancel()
 
     def _welcome(self) -> None:
         identity = self.identity
@@ -416,25 +427,24 @@ class Connection:
                 },
             }
         )
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if identity.expires_at is not None:
+            # One timer at a time: the warning, which then sets the deadline.
             loop = asyncio.get_running_loop()
-            left = identity.expires_at.timestamp() - time.time()
-            warn = max(left - self.rt.settings.token_expiring_s, 0)
+            expires = identity.expires_at.timestamp()
             expires_at = identity.expires_at.isoformat()
-            self._timers.append(
-                loop.call_later(warn, lambda: self.control({"type": "token_expiring", "expires_at": expires_at}))
-            )
-            self._timers.append(
-                loop.call_later(
-                    max(left, 0),
-                    lambda: self.close(
-                        UNAUTHENTICATED, "The access token expired: send a new one before it does.", "token_expired"
-                    ),
-                )
-            )
+
+            def expire() -> None:
+                self._timer = None
+                self.close(UNAUTHENTICATED, "The access token expired: send a new one before it does.", "token_expired")
+
+            def warn() -> None:
+                self.control({"type": "token_expiring", "expires_at": expires_at})
+                self._timer = loop.call_later(max(expires - time.time(), 0), expire)
+
+            self._timer = loop.call_later(max(expires - time.time() - self.rt.settings.token_expiring_s, 0), warn)
 
     # -- the queue ------------------------------------------------------------------------------------------------
     def push(self, text: str, kind: str, *, key: str | None = None, when: float | None = None) -> None:
@@ -534,6 +544,8 @@ class Connection:
                 self._unsubscribe(request)
             elif kind == "auth":
                 await self._reauthenticate(request)
+                if self._closing is not None:  # closed by what it found (this task is not cancelled for it)
+                    return None
             else:
                 self.error(request_id, None, "BAD_MESSAGE", "Unknown type: use subscribe, unsubscribe, auth or ping.")
 
@@ -573,6 +585,8 @@ class Connection:
         channel = self.channels.pop(name, None) if isinstance(name, str) else None
         if channel is not None:
             channel.detach()
+        elif isinstance(name, str) and name in self._opening:
+            self._abandoned.add(name)
         self.control({"type": "unsubscribed", "channel": name, "id": request.get("id")})
 
     async def _subscribe(self, request: dict[str, Any]) -> None:
@@ -585,20 +599,20 @@ class Connection:
         if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
             self.error(request_id, name, "INVALID_SINCE", "since must be a stream sequence (an integer >= 0).")
             return
-        if name in self.channels:
-            channel = self.channels[name]
+        if name in self.channels or name in self._opening:
+            current = self.channels.get(name)
             self.control(
                 {
                     "type": "subscribed",
                     "channel": name,
                     "id": request_id,
                     "recovered": True,
-                    "seq": channel.last_seq,
+                    "seq": current.last_seq if current is not None else None,
                     "already": True,
                 }
             )
             return
-        if len(self.channels) >= self.rt.settings.max_subscriptions:
+        if len(self.channels) + len(self._opening) >= self.rt.settings.max_subscriptions:
             self.rt.metrics.refused.labels("too_many").inc()
             self.error(
                 request_id,
@@ -607,6 +621,13 @@ class Connection:
                 f"At most {self.rt.settings.max_subscriptions} channels per socket.",
             )
             return
+        self._opening.add(name)
+        try:
+            await self._subscribe_now(name, since, request_id)
+        finally:
+            self._opening.discard(name)
+
+    async def _subscribe_now(self, name: str, since: int | None, request_id: Any) -> None:
         decision = await self.rt.limiter().hit(f"user:{self.identity.user_id}", self.rt.settings.subscribe_limit)
         if not decision.allowed:
             self.rt.metrics.refused.labels("rate_limited").inc()
@@ -624,7 +645,8 @@ class Connection:
             self.rt.metrics.refused.labels("unavailable").inc()
             self.error(request_id, name, "SERVICE_UNAVAILABLE", exc.message)
             return
-        if name in self.channels or self._closing is not None:  # subscribed twice at once, or closing
+        if name in self._abandoned or self._closing is not None:  # unsubscribed meanwhile, or closing
+            self._abandoned.discard(name)
             channel.detach()
             return
         self.channels[name] = channel
