@@ -6,12 +6,27 @@ prints a table with ratios against a baseline measured in the same run, and stop
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from strata.common.procs import NatsServer, ServiceProcess
+
+T = TypeVar("T")
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on a uvloop event loop, as the services run (asyncio's own loop where uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
 
 # What every benchmarked process gets: JSON logs, and no access log line per request (it would dominate the cost).
 BENCH_ENV: dict[str, str] = {

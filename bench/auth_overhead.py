@@ -17,7 +17,6 @@ as in production, without ever answering 429.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -41,7 +40,7 @@ from strata.common.testing import TokenFactory
 from strata.gateway.edge import EdgeLimits, EdgeMiddleware
 from strata.gateway.ratelimit import Limit, MemoryRateLimiter
 
-from . import BENCH_ENV, ProcessStack, table
+from . import BENCH_ENV, ProcessStack, run_loop, table
 from ._gateway_variant import AUTH_ENV, JWKS_FILE_ENV
 from .gateway_overhead import WRK_SCRIPT, LoadResult, _cpu_seconds, _run_python_load, _wrk
 
@@ -198,10 +197,7 @@ async def _micro(batches: int, batch_size: int) -> list[MicroResult]:
 
 
 def _run_micro(batches: int, batch_size: int) -> list[MicroResult]:
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_micro(batches, batch_size))
+    return run_loop(_micro(batches, batch_size))
 
 
 # -- 2. throughput --------------------------------------------------------------------------------------------------

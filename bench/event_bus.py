@@ -35,7 +35,7 @@ from strata.common.events import EVENTS_STREAM, MSG_ID_HEADER, Bus, CloudEvent, 
 from strata.common.outbox import OutboxMixin, OutboxRelay, stage_event
 from strata.common.procs import NatsServer
 
-from . import percentile, table
+from . import percentile, run_loop, table
 
 SUBJECT_PREFIX = "strata.datasets.bench"  # inside STRATA_EVENTS (strata.datasets.>)
 SOURCE = source_of("datasets")
@@ -343,13 +343,7 @@ def run(
             batch_events=batch_events,
             max_backlog=max_backlog,
         )
-        try:
-            import uvloop
-
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                out = runner.run(coro)
-        except ImportError:
-            out = asyncio.run(coro)
+        out = run_loop(coro)
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)

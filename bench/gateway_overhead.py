@@ -30,7 +30,7 @@ from typing import Any
 
 from strata.common.procs import SERVICES, ServiceProcess, free_port, suite_env
 
-from . import BENCH_ENV, ProcessStack, percentile, table
+from . import BENCH_ENV, ProcessStack, percentile, run_loop, table
 
 PATH = "/api/v1/system/datasets/info"
 ADMIN = ("bench@example.com", "bench admin password 1")
@@ -150,13 +150,7 @@ def _run_python_load(
     path: str = PATH,
     headers: Sequence[tuple[str, str]] = (),
 ) -> dict[str, float]:
-    try:
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(_python_load("127.0.0.1", url_port, path, connections, duration_s, headers))
-    except ImportError:
-        return asyncio.run(_python_load("127.0.0.1", url_port, path, connections, duration_s, headers))
+    return run_loop(_python_load("127.0.0.1", url_port, path, connections, duration_s, headers))
 
 
 def _cpu_seconds(pid: int) -> float:

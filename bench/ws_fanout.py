@@ -65,7 +65,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -87,7 +87,7 @@ from strata.common.contracts.realtime import WS_PATH, live_subject
 from strata.common.events import EVENTS_STREAM, Bus, CloudEvent, source_of
 from strata.common.procs import SERVICES, ServiceProcess, free_port, suite_env
 
-from . import BENCH_ENV, ProcessStack, percentile, table
+from . import BENCH_ENV, ProcessStack, percentile, run_loop, table
 from .datasets import ADMIN, CpuMeter, _sign_in, _timed, clock
 from .wsclient import WsClient
 
@@ -410,18 +410,8 @@ class _Fleet:
         return {"closed": closed}
 
 
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main)
-    except ImportError:
-        asyncio.run(main)
-
-
 def _fleet_main(conn: Connection) -> None:
-    _run_loop(_Fleet(conn).serve())
+    run_loop(_Fleet(conn).serve())
 
 
 class _FleetProcess:
@@ -516,7 +506,7 @@ async def _baseline(port: int, nats_url: str, owner_id: str, deflate: bool) -> N
 
 
 def _baseline_main(port: int, nats_url: str, owner_id: str, deflate: bool) -> None:
-    _run_loop(_baseline(port, nats_url, owner_id, deflate))
+    run_loop(_baseline(port, nats_url, owner_id, deflate))
 
 
 async def _accepts_deflate(url: str) -> bool:
@@ -971,13 +961,7 @@ def run(
             resume_rounds=resume_rounds,
             compression=compression,
         )
-        try:
-            import uvloop
-
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                summary = runner.run(coro)
-        except ImportError:
-            summary = asyncio.run(coro)
+        summary = run_loop(coro)
     except Exception:
         print(stack.log_tail())
         raise
