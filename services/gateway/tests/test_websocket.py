@@ -303,15 +303,13 @@ async def test_user_channel_carries_own_and_shared_things_only(ws_url: str, serv
     )
     await publish(DatasetShared(**{**grant.model_dump(), "grantee": "someone-else"}))
     expected.append(await publish(grant))
-    got = await events(ws, 3)
-    assert [m["seq"] for m in got] == expected
-    # Once granted, the dataset's own events follow on the user channel.
-    await asyncio.sleep(0.3)  # the dataset's subscription is made right after the grant, asynchronously
-    expected_more = [await publish(ready(later))]
+    # Once granted, the dataset's own events follow, right after the grant (no pause): the channel holds its live
+    # events while it reads what the dataset had since the grant.
+    expected.append(await publish(ready(later)))
     await publish(ready(private))
-    expected_more.append(await publish_job(bus, mine, "running"))
-    got = await events(ws, 2)
-    assert [m["seq"] for m in got] == expected_more
+    expected.append(await publish_job(bus, mine, "running"))
+    got = await events(ws, 5)
+    assert [m["seq"] for m in got] == expected
     await ws.close()
 
 
@@ -638,3 +636,105 @@ async def test_subscription_limit_holds_for_subscribes_sent_at_once(
         kinds = sorted(a["type"] if a["type"] == "subscribed" else a["error"]["code"] for a in answers)
         assert kinds == ["TOO_MANY_SUBSCRIPTIONS"] * 3 + ["subscribed"] * 3
         await ws.close()
+
+
+# -- races the review found ------------------------------------------------------------------------------------------
+async def test_subscribe_unsubscribe_subscribe_at_once_ends_subscribed(
+    ws_url: str, services: Services, bus: Bus
+) -> None:
+    """React's StrictMode mounts, unmounts and mounts again: the last word wins, and events flow."""
+    job = new_job(services)
+    ws = await signed_in(ws_url)
+    channel = f"job:{job}"
+    for message in (
+        {"type": "subscribe", "channel": channel, "id": 1},
+        {"type": "unsubscribe", "channel": channel, "id": 2},
+        {"type": "subscribe", "channel": channel, "id": 3},
+    ):
+        await ws.send(json.dumps(message))
+    answers: dict[Any, dict[str, Any]] = {}
+    while 3 not in answers:
+        answer = await recv(ws)
+        answers[answer.get("id")] = answer
+    assert answers[3]["type"] == "subscribed"
+    seq = await publish_job(bus, job, "queued")
+    assert [m["seq"] for m in await events(ws, 1)] == [seq]
+    # Unsubscribe while a subscribe is being authorized: nothing arrives, nothing stays subscribed.
+    other = new_job(services)
+    await ws.send(json.dumps({"type": "subscribe", "channel": f"job:{other}", "id": 4}))
+    await ws.send(json.dumps({"type": "unsubscribe", "channel": f"job:{other}", "id": 5}))
+    await asyncio.sleep(0.2)
+    await publish_job(bus, other, "queued")
+    await asyncio.sleep(0.2)
+    await ws.send(json.dumps({"type": "ping", "id": 6}))
+    while (answer := await recv(ws)).get("id") != 6:
+        assert "event" not in answer, answer
+    await ws.close()
+
+
+async def test_a_removed_share_is_not_served_from_a_cache(ws_url: str, services: Services, bus: Bus) -> None:
+    dataset = uuid.uuid4().hex
+    services.datasets[dataset] = BOB
+    services.readers[dataset] = {ALICE}
+    ws = await signed_in(ws_url)
+    assert (await subscribe(ws, f"dataset:{dataset}"))["type"] == "subscribed"
+    await ws.send(json.dumps({"type": "unsubscribe", "channel": f"dataset:{dataset}"}))
+    services.readers[dataset] = set()  # removed, on another replica say: this one saw no event
+    answer = await subscribe(ws, f"dataset:{dataset}")
+    assert answer["type"] == "error" and answer["error"]["code"] == "CHANNEL_NOT_FOUND"
+    await ws.close()
+
+
+async def test_an_overflow_caused_by_a_reply_closes_the_socket(
+    tmp_path: Path, nats_url: str, services: Services, bus: Bus
+) -> None:
+    async with gateway(tmp_path, nats_url, ws_max_queue=20) as url:
+        job = new_job(services)
+        ws = await signed_in(url, max_size=None)
+        await subscribe(ws, f"job:{job}")
+        ws.transport.pause_reading()
+        subject = f"strata.execution.job.running.{ALICE}.{job}"
+        for i in range(12):  # fills the socket's buffers; the queue stays under its limit
+            await publish_raw(bus, subject, "strata.execution.job.running", {"i": i, "pad": PAD * 4})
+        await asyncio.sleep(0.3)
+        for i in range(60):  # the replies do the rest
+            await ws.send(json.dumps({"type": "ping", "id": i}))
+        ws.transport.resume_reading()
+        assert await closed_with(ws, timeout_s=10) == 4500
+        assert await _metric(url, 'strata_ws_disconnects_total{reason="slow_consumer"}') >= 1
+
+
+async def test_hub_holds_live_events_until_its_catch_up_has_run(bus: Bus) -> None:
+    """After a reconnect nats-py re-subscribes before the hub hears of it: live events arriving first must not hide
+    the ones the catch-up reads."""
+    got: list[int] = []
+
+    class Sink:
+        def __init__(self) -> None:
+            self.last = 0
+
+        def offer(self, event: LiveEvent, via: str) -> None:
+            if event.seq > self.last:
+                self.last = event.seq
+                got.append(event.seq)
+
+        def resync(self) -> None:
+            raise AssertionError("nothing is too much here")
+
+    hub = Hub(bus)
+    job = uuid.uuid4().hex
+    subject_filter = f"strata.execution.job.*.*.{job}"
+    await hub.add(subject_filter, Sink())
+    seen = await publish_job(bus, job, "queued")
+    await eventually(lambda: got == [seen])
+    await hub._interests[subject_filter].sub.unsubscribe()  # the connection drops: these are lost to it
+    hub._on_disconnect()
+    missed = [await publish_job(bus, job, s) for s in ("running", "cancelling")]
+    live = await publish_job(bus, job, "cancelled")  # re-subscribed: this one comes live, before the catch-up
+    stored = await bus.js.get_msg(EVENTS_STREAM, live)
+    hub._pending.append((live, f"strata.execution.job.cancelled.{ALICE}.{job}", stored.data or b"", subject_filter))
+    hub._schedule_flush()
+    await asyncio.sleep(0.1)
+    assert got == [seen]  # held
+    await hub.catch_up()
+    assert got == [seen, *missed, live]

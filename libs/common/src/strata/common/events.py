@@ -39,6 +39,22 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 LIVE_PREFIX = "live"
 
 
+async def _process_pong(self: NATS) -> None:
+    """nats-py 2.16's ``_process_pong`` with one change: a PONG whose ``flush()`` timed out or was cancelled is consumed
+    without ``set_result`` on its cancelled future. Upstream raises ``InvalidStateError`` there, which ends the read
+    loop: the connection then looks connected but receives nothing (no events, no RPC replies) until the ping timer
+    notices, minutes later. A WebSocket closing while its subscription's flush is in flight was enough."""
+    if self._pongs:
+        future = self._pongs.pop(0)
+        if not future.done():
+            future.set_result(True)
+        self._pongs_received += 1
+        self._pings_outstanding = 0
+
+
+NATS._process_pong = _process_pong  # type: ignore[method-assign]
+
+
 class EventPayload(BaseModel):
     """Base of every event payload. Subclasses set ``event_type`` (the subject) and ``schema_version``.
 
@@ -175,6 +191,7 @@ class BusState:
     generation: int = 0
     last_error: str | None = None
     on_connect: list[OnConnect] = field(default_factory=list)
+    on_disconnect: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Bus:
@@ -221,6 +238,10 @@ class Bus:
     @property
     def generation(self) -> int:
         return self.state.generation
+
+    def on_disconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (synchronously) when the connection drops."""
+        self.state.on_disconnect.append(callback)
 
     def on_connect(self, callback: OnConnect) -> None:
         """Run ``callback`` after the first connection and after every reconnection."""
@@ -291,6 +312,11 @@ class Bus:
         if self.state.connected and not self._closing:
             log.warning("disconnected from NATS; reconnecting")
         self.state.connected = False
+        for callback in list(self.state.on_disconnect):
+            try:
+                callback()
+            except Exception:
+                log.exception("on-disconnect callback failed")
         self._connected.clear()
 
     async def _on_reconnected(self) -> None:

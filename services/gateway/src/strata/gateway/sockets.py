@@ -145,6 +145,7 @@ class Realtime:
         self.settings = settings
         self.metrics = WsMetrics(metrics)
         self.hub = Hub(bus, max_catch_up=settings.max_replay)
+        self.metrics.nats_subscriptions.set_function(lambda: self.hub.subscriptions)
         self.revocations = Revocations(bus, window_s=settings.revocation_window_s, on_revoke=self.revoke)
         self.by_user: dict[str, set[Connection]] = {}
         self._access: OrderedDict[tuple[str, str, str, str], tuple[float, ReadVerdict]] = OrderedDict()
@@ -167,7 +168,7 @@ class Realtime:
         origin = websocket.headers.get("origin")
         if origin is None:
             return True  # not a browser: cross-site hijacking needs one
-        if "*" in self.settings.cors_origins or origin in self.settings.cors_origins:
+        if origin in self.settings.cors_origins:  # listed exactly: "*" does not open the socket to every site
             return True
         host = websocket.headers.get("host", "")
         return bool(host) and urlsplit(origin).netloc == host  # the gateway's own origin
@@ -208,7 +209,9 @@ class Realtime:
             ReadCheck(user_id=identity.user_id, role=identity.role, resource_id=resource_id),
             ReadVerdict,
         )
-        if verdict.readable:  # a refusal is asked again next time: a share may come any moment
+        # Only a job's reader cannot change (its owner, or an admin: a demotion closes the socket anyway). A dataset's
+        # can, at any moment (a share made or removed on another replica), so it is asked every time; so is a refusal.
+        if verdict.readable and kind == "job":
             self._access[key] = (now + self.settings.access_cache_s, verdict)
             self._access.move_to_end(key)
             while len(self._access) > 100_000:
@@ -216,10 +219,6 @@ class Realtime:
         else:
             self._access.pop(key, None)
         return verdict
-
-    def forget_access(self, kind: str, resource_id: str) -> None:
-        for key in [k for k in self._access if k[0] == kind and k[3] == resource_id]:
-            del self._access[key]
 
     async def shared_with(self, identity: Identity) -> list[str]:
         reply = await self.rpc.call(
@@ -256,7 +255,11 @@ class Realtime:
 
     async def _authenticate(self, websocket: WebSocket) -> Identity | None:
         """The cookie's identity, else the first message's; the socket is closed (and None returned) otherwise."""
-        await self.revocations.wait_ready(3.0)
+        if not await self.revocations.wait_ready(3.0):
+            # Without the recent revocations a revoked token would be let in: not before they are read.
+            self.metrics.disconnects.labels("starting").inc()
+            await _close(websocket, RESYNC, "The gateway is starting: reconnect in a moment.")
+            return None
         cookie = websocket.cookies.get(ACCESS_COOKIE)
         if cookie:
             with contextlib.suppress(StrataError):
@@ -353,7 +356,7 @@ class Connection:
         self.raw_send = raw_send
         self.identity = identity
         self.channels: dict[str, Channel] = {}
-        self._opening: set[str] = set()  # subscribes waiting for their authorization
+        self._opening: dict[str, asyncio.Future[None]] = {}  # subscribes being authorized and started
         self._abandoned: set[str] = set()  # ... and unsubscribed meanwhile
         self._queue: deque[_Frame] = deque()
         self._queued = 0  # frames in the queue that will be sent (coalesced ones are not)
@@ -365,6 +368,7 @@ class Connection:
         self._timer: asyncio.TimerHandle | None = None  # the token's expiry: a warning, then the deadline
         self._closing: tuple[int, str] | None = None
         self._runner: asyncio.Task[Any] | None = None
+        self._reading = False
         self._sender: asyncio.Task[None] | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -377,6 +381,7 @@ class Connection:
         self._sender.add_done_callback(self._sender_ended)
         try:
             self._welcome()
+            self._reading = True
             code = await self._read_loop()
             if self._closing is None:
                 self.rt.metrics.disconnects.labels(_client_reason(code)).inc()
@@ -384,6 +389,7 @@ class Connection:
             if self._closing is None:
                 raise  # not ours: the server is stopping this task
         finally:
+            self._reading = False
             self._sender.cancel()
             for task in list(self._tasks):
                 task.cancel()
@@ -408,7 +414,12 @@ class Connection:
             return
         self._closing = (code, reason)
         self.rt.metrics.disconnects.labels(metric).inc()
-        if self._runner is not None and self._runner is not asyncio.current_task():
+        if self._runner is not None:
+            # From the runner itself too (a reply that overflowed the queue): it is cancelled at its next await.
+            asyncio.get_running_loop().call_soon(self._stop_reading)
+
+    def _stop_reading(self) -> None:
+        if self._reading and self._runner is not None:
             self._runner.cancel()
 
     def _welcome(self) -> None:
@@ -541,7 +552,8 @@ class Connection:
             elif kind == "subscribe":
                 self._spawn(self._subscribe(request))
             elif kind == "unsubscribe":
-                self._unsubscribe(request)
+                # A task too, started after the subscribes sent before it (tasks start in order), so that it sees them.
+                self._spawn(self._unsubscribe(request))
             elif kind == "auth":
                 await self._reauthenticate(request)
                 if self._closing is not None:  # closed by what it found (this task is not cancelled for it)
@@ -552,7 +564,14 @@ class Connection:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("a WebSocket task failed: %r", exc, exc_info=exc)
+            self.close(INTERNAL_ERROR, "Internal error: reconnect and resume.", "server_error")
 
     def error(self, request_id: Any, channel: str | None, code: str, message: str, **extra: Any) -> None:
         body: dict[str, Any] = {"type": "error", "id": request_id, "error": {"code": code, "message": message, **extra}}
@@ -580,7 +599,7 @@ class Connection:
         self.identity = identity
         self._welcome()
 
-    def _unsubscribe(self, request: dict[str, Any]) -> None:
+    async def _unsubscribe(self, request: dict[str, Any]) -> None:
         name = request.get("channel")
         channel = self.channels.pop(name, None) if isinstance(name, str) else None
         if channel is not None:
@@ -599,15 +618,17 @@ class Connection:
         if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
             self.error(request_id, name, "INVALID_SINCE", "since must be a stream sequence (an integer >= 0).")
             return
-        if name in self.channels or name in self._opening:
-            current = self.channels.get(name)
+        while name in self._opening:  # the same channel asked again (say subscribe, unsubscribe, subscribe): in turn
+            await asyncio.shield(self._opening[name])
+        current = self.channels.get(name)
+        if current is not None:
             self.control(
                 {
                     "type": "subscribed",
                     "channel": name,
                     "id": request_id,
                     "recovered": True,
-                    "seq": current.last_seq if current is not None else None,
+                    "seq": current.last_seq,
                     "already": True,
                 }
             )
@@ -621,11 +642,16 @@ class Connection:
                 f"At most {self.rt.settings.max_subscriptions} channels per socket.",
             )
             return
-        self._opening.add(name)
+        done = self._opening[name] = asyncio.get_running_loop().create_future()
         try:
             await self._subscribe_now(name, since, request_id)
+        except Exception as exc:  # the rate limiter's store, a malformed identity...: answer, keep the socket
+            log.exception("subscribing %s failed", name)
+            self.error(request_id, name, "SERVICE_UNAVAILABLE", f"Could not subscribe: {type(exc).__name__}.")
         finally:
-            self._opening.discard(name)
+            del self._opening[name]
+            self._abandoned.discard(name)
+            done.set_result(None)
 
     async def _subscribe_now(self, name: str, since: int | None, request_id: Any) -> None:
         decision = await self.rt.limiter().hit(f"user:{self.identity.user_id}", self.rt.settings.subscribe_limit)
@@ -652,9 +678,22 @@ class Connection:
         self.channels[name] = channel
         try:
             await channel.start(since, request_id)
+        except ChannelError as exc:  # no longer readable when checked again
+            if self.channels.get(name) is channel:
+                del self.channels[name]
+            channel.detach()
+            self.rt.metrics.refused.labels(exc.code.lower()).inc()
+            self.error(request_id, name, exc.code, exc.message)
+        except StrataError as exc:
+            if self.channels.get(name) is channel:
+                del self.channels[name]
+            channel.detach()
+            self.rt.metrics.refused.labels("unavailable").inc()
+            self.error(request_id, name, "SERVICE_UNAVAILABLE", exc.message)
         except Exception as exc:
             log.exception("subscribing %s failed", name)
-            self.channels.pop(name, None)
+            if self.channels.get(name) is channel:
+                del self.channels[name]
             channel.detach()
             self.error(request_id, name, "SERVICE_UNAVAILABLE", f"Could not subscribe: {type(exc).__name__}.")
 
@@ -681,7 +720,10 @@ def _client_reason(code: int | None) -> str:
 
 
 class Channel:
-    """One socket's subscription: a sink of the hub (see :mod:`.live`)."""
+    """One socket's subscription: a sink of the hub (see :mod:`.live`).
+
+    While ``buffer`` is a list, live events wait in it (a replay runs: at the start with ``since``, or for a dataset
+    shared with the user a moment ago); then everything is delivered merged in ``seq`` order, each seq once."""
 
     def __init__(
         self, conn: Connection, name: str, kind: str, resource: str | None, *, shared: set[str] | None = None
@@ -696,6 +738,9 @@ class Channel:
         self.filters: set[str] = set()
         self.detached = False
         self.counted = False
+        self.starting = True
+        self._following = 0  # datasets granted live whose missed events are being read
+        self._missed: list[LiveEvent] = []
         user = conn.identity.user_id
         if kind == "job":
             assert resource is not None
@@ -711,11 +756,26 @@ class Channel:
 
     async def start(self, since: int | None, request_id: Any) -> None:
         rt = self.conn.rt
+        identity = self.conn.identity
         for subject_filter in self.all_filters():
             await self._listen(subject_filter)
+        bounds = await stream_bounds(rt.bus)
+        rt.hub.note_stream_end(bounds.last_seq)
+        # Asked again now that the live feed is on: a share removed before here is seen by this answer, one removed
+        # after arrives live (its seq is above the bounds) and is acted on.
+        if self.kind == "dataset":
+            assert self.resource is not None
+            if not (await rt.can_read(identity, "dataset", self.resource, fresh=True)).readable:
+                raise ChannelError("CHANNEL_NOT_FOUND", f"No dataset {self.resource} that you can read.")
+        elif self.kind == "user":
+            now_shared = set(await rt.shared_with(identity))
+            for dataset in self.shared - now_shared:
+                self.shared.discard(dataset)
+                self._forget(dataset_events_filter(dataset))
+        if self.detached:
+            return
         rt.metrics.subscriptions.labels(self.kind).inc()
         self.counted = True
-        bounds = await stream_bounds(rt.bus)
         recovered = True
         replayed = 0
         if since is None:
@@ -726,9 +786,10 @@ class Channel:
             self.last_seq = since
         if since is not None and recovered and bounds.last_seq > since:
             try:
-                events = replay(rt.bus, self.all_filters(), after=since, limit=rt.settings.max_replay)
                 first = True
-                async for event in events:
+                async for event in replay(rt.bus, self.all_filters(), after=since, limit=rt.settings.max_replay):
+                    if self.detached:
+                        return
                     if first:
                         self._subscribed(request_id, True, since)
                         first = False
@@ -747,8 +808,16 @@ class Channel:
             rt.metrics.replayed.inc(replayed)
         else:
             self._subscribed(request_id, recovered, self.last_seq)
-        buffered, self.buffer = self.buffer or [], None
-        for event in buffered:
+        if self.detached:
+            return
+        self.starting = False
+        self._release()
+
+    def _release(self) -> None:
+        """Deliver what waited (the buffer and any missed events read meanwhile), in seq order, and go live."""
+        waiting = sorted([*self._missed, *(self.buffer or [])], key=lambda e: e.seq)
+        self.buffer, self._missed = None, []
+        for event in waiting:
             self.offer(event, "")
 
     def _subscribed(self, request_id: Any, recovered: bool, seq: int) -> None:
@@ -760,8 +829,13 @@ class Channel:
         if subject_filter in self.filters or self.detached:
             return
         self.filters.add(subject_filter)
-        await self.conn.rt.hub.add(subject_filter, self)
-        self.conn.rt.metrics.nats_subscriptions.set(self.conn.rt.hub.subscriptions)
+        try:
+            await self.conn.rt.hub.add(subject_filter, self)
+        except BaseException:
+            self.filters.discard(subject_filter)
+            raise
+        if self.detached:  # unsubscribed meanwhile
+            self._forget(subject_filter)
 
     def _forget(self, subject_filter: str) -> None:
         if subject_filter in self.filters:
@@ -776,7 +850,6 @@ class Channel:
             self._forget(subject_filter)
         if self.counted:
             self.conn.rt.metrics.subscriptions.labels(self.kind).dec()
-        self.conn.rt.metrics.nats_subscriptions.set(self.conn.rt.hub.subscriptions)
 
     # -- the hub's side -------------------------------------------------------------------------------------------
     def offer(self, event: LiveEvent, via: str) -> None:
@@ -784,6 +857,10 @@ class Channel:
             return
         if self.buffer is not None:
             self.buffer.append(event)
+            if len(self.buffer) > self.conn.rt.settings.max_queue * 10:
+                self.conn.close(
+                    SLOW_CONSUMER, "Too many events while catching up: reconnect, resume with since.", "slow_consumer"
+                )
             return
         if not self._accepts(event):
             return
@@ -818,16 +895,43 @@ class Channel:
         if not dataset:
             return
         if verb == "shared":
-            self.conn.rt.forget_access("dataset", dataset)
             if self.kind == "user" and event.data.get("permission") and _grants(event.data, self.conn.identity):
                 if dataset not in self.shared and event.data.get("owner_id") != self.conn.identity.user_id:
                     self.shared.add(dataset)
-                    self.conn._spawn(self._listen(dataset_events_filter(dataset)))
+                    self._follow(dataset, event.seq)
             elif event.data.get("permission") is None:
                 self.conn._spawn(self._recheck(dataset))
         elif verb == "deleted" and self.kind == "user" and dataset in self.shared:
             self.shared.discard(dataset)
             self._forget(dataset_events_filter(dataset))
+
+    def _follow(self, dataset: str, granted_at: int) -> None:
+        """A dataset was just shared with the user: hold the channel's live events, subscribe to the dataset, read its
+        events stored since the grant, then deliver both merged. (While the channel is starting, its replay's filters
+        are fixed: the dataset is only subscribed.)"""
+        subject_filter = dataset_events_filter(dataset)
+        if self.starting:
+            self.conn._spawn(self._listen(subject_filter))
+            return
+        if self.buffer is None:
+            self.buffer = []
+        self._following += 1
+        self.conn._spawn(self._catch_up(subject_filter, granted_at))
+
+    async def _catch_up(self, subject_filter: str, after: int) -> None:
+        rt = self.conn.rt
+        try:
+            await self._listen(subject_filter)
+            async for event in replay(rt.bus, [subject_filter], after=after, limit=rt.settings.max_replay):
+                self._missed.append(event)
+        except Exception as exc:
+            log.warning("following a newly shared dataset failed (%s): the socket resumes", exc)
+            self.conn.close(RESYNC, "The gateway missed events: reconnect and resume with since.", "resync")
+            return
+        finally:
+            self._following -= 1
+        if self._following == 0 and not self.detached:
+            self._release()
 
     async def _recheck(self, dataset: str) -> None:
         """A share was removed: does this subscriber still read the dataset (another share, their role)?"""
