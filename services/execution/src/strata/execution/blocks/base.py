@@ -132,6 +132,13 @@ class Block(ABC):
         """One SELECT over the inputs (by their quoted names); raises :class:`BlockConfigError` if ``check`` would
         report problems."""
 
+    def output_row_schema(self, config: Any, inputs: Mapping[str, Columns]) -> dict[str, Any]:
+        """A JSON Schema for one row of the output for this config and these inputs (precise where
+        :attr:`output_schema` can only describe the shape); raises :class:`BlockConfigError` for an invalid config."""
+        from ._common import columns_schema  # the kinds live with the blocks
+
+        return columns_schema(self.output_columns(config, inputs))
+
     def describe(self) -> dict[str, Any]:
         """What ``GET /blocks/{id}`` shows: enough for a frontend to render a form."""
         return {

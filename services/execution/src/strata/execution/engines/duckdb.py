@@ -144,7 +144,7 @@ class _Statement:
         return Analysis(kind=self.kind, tables=tuple(self.tables), parameters=tuple(self.parameters))
 
 
-class _Analyzer:
+class Analyzer:
     """DuckDB's own parser, on a private connection that has nothing to read."""
 
     def __init__(self) -> None:
@@ -456,7 +456,7 @@ class DuckDBEngine(Engine):
         self.settings = settings
         self._tmp_root = settings.workdir / "duckdb-tmp"
         self._tmp_root.mkdir(parents=True, exist_ok=True)
-        self._analyzer = _Analyzer()
+        self._analyzer = Analyzer()
         self._spare_count = spares
         self._lock = threading.Lock()
         self._closed = False
