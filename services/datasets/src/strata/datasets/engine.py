@@ -33,11 +33,24 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from os import PathLike
-from typing import Any, Final, Literal
+from typing import Any, Final
 from urllib.parse import unquote
 
 import duckdb
 
+from strata.common.columns import (
+    DECIMAL_TYPE,
+    FILTER_OPS,
+    INT_RANGES,
+    LIST_OPS,
+    MAX_IN_VALUES,
+    NULL_OPS,
+    NUMERIC_KINDS,
+    OPS_BY_KIND,
+    TEMPORAL_KINDS,
+    Kind,
+    column_kind,
+)
 from strata.common.errors import Unprocessable
 from strata.common.jsonvalues import json_value
 
@@ -67,67 +80,18 @@ __all__ = [
 MAX_LIMIT: Final = 1000
 #: The most distinct values ``options`` returns.
 MAX_OPTIONS: Final = 1000
-#: The most values an ``in``/``not_in`` filter may list.
-MAX_IN_VALUES: Final = 1000
 #: ``preview`` counts matching rows up to this many; beyond it ``total_rows`` is ``None`` (unknown, at least this many).
 TOTAL_ROWS_CAP: Final = 1_000_000
 
-OPS: Final = frozenset(
-    {"eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "contains", "starts_with", "is_null", "not_null", "between"}
-)
-_LIST_OPS: Final = frozenset({"in", "not_in", "between"})
-_NULL_OPS: Final = frozenset({"is_null", "not_null"})
-_COMPARISON_OPS: Final = frozenset({"eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "between"}) | _NULL_OPS
-_EQUALITY_OPS: Final = frozenset({"eq", "ne", "in", "not_in"}) | _NULL_OPS
-
-Kind = Literal[
-    "integer", "float", "decimal", "string", "boolean", "date", "timestamp", "timestamptz", "time", "uuid", "other"
-]
-_NUMERIC: Final = frozenset({"integer", "float", "decimal"})
-_TEMPORAL: Final = frozenset({"date", "timestamp", "timestamptz"})
+OPS: Final = frozenset(FILTER_OPS)
+_LIST_OPS: Final = LIST_OPS
+_NULL_OPS: Final = NULL_OPS
+_NUMERIC: Final = NUMERIC_KINDS
+_TEMPORAL: Final = TEMPORAL_KINDS
 _ORDERED: Final = _NUMERIC | _TEMPORAL | {"string", "time", "uuid"}
-
-_OPS_BY_KIND: Final[Mapping[str, frozenset[str]]] = {
-    "integer": _COMPARISON_OPS,
-    "float": _COMPARISON_OPS,
-    "decimal": _COMPARISON_OPS,
-    "date": _COMPARISON_OPS,
-    "timestamp": _COMPARISON_OPS,
-    "timestamptz": _COMPARISON_OPS,
-    "time": _COMPARISON_OPS,
-    "string": _COMPARISON_OPS | {"contains", "starts_with"},
-    "boolean": _EQUALITY_OPS,
-    "uuid": _EQUALITY_OPS,
-    "other": _NULL_OPS,
-}
-
-_INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
-    "TINYINT": (-(2**7), 2**7 - 1),
-    "SMALLINT": (-(2**15), 2**15 - 1),
-    "INTEGER": (-(2**31), 2**31 - 1),
-    "BIGINT": (-(2**63), 2**63 - 1),
-    "HUGEINT": (-(2**127), 2**127 - 1),
-    "UTINYINT": (0, 2**8 - 1),
-    "USMALLINT": (0, 2**16 - 1),
-    "UINTEGER": (0, 2**32 - 1),
-    "UBIGINT": (0, 2**64 - 1),
-    "UHUGEINT": (0, 2**128 - 1),
-}
-_SIMPLE_KINDS: Final[Mapping[str, Kind]] = {
-    "FLOAT": "float",
-    "DOUBLE": "float",
-    "VARCHAR": "string",
-    "BOOLEAN": "boolean",
-    "DATE": "date",
-    "TIMESTAMP": "timestamp",
-    "TIMESTAMP_S": "timestamp",
-    "TIMESTAMP_MS": "timestamp",
-    "TIMESTAMP_NS": "timestamp",
-    "TIMESTAMP WITH TIME ZONE": "timestamptz",
-    "TIME": "time",
-    "UUID": "uuid",
-}
-_DECIMAL_TYPE: Final = re.compile(r"DECIMAL\((\d+),\s*(\d+)\)")
+_OPS_BY_KIND: Final = OPS_BY_KIND
+_INT_RANGES: Final = INT_RANGES
+_DECIMAL_TYPE: Final = DECIMAL_TYPE
 _INTEGER_TEXT: Final = re.compile(r"[+-]?\d+")
 _TRUE: Final = frozenset({"true", "t", "1", "yes", "y"})
 _FALSE: Final = frozenset({"false", "f", "0", "no", "n"})
@@ -173,15 +137,6 @@ class Column:
     @property
     def kind(self) -> Kind:
         return column_kind(self.type)
-
-
-def column_kind(duckdb_type: str) -> Kind:
-    """The family of a DuckDB type, which decides the filter operators and profile figures that apply to it."""
-    if duckdb_type in _INT_RANGES:
-        return "integer"
-    if _DECIMAL_TYPE.fullmatch(duckdb_type):
-        return "decimal"
-    return _SIMPLE_KINDS.get(duckdb_type, "other")
 
 
 def connect(*, threads: int = 2, memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:

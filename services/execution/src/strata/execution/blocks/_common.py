@@ -6,44 +6,24 @@ Column kinds and the filter operators that apply to each follow the datasets ser
 
 from __future__ import annotations
 
-import re
 import uuid
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final, Literal
+from typing import Any, Final
+
+from strata.common.columns import DECIMAL_TYPE, NUMERIC_KINDS, TEMPORAL_KINDS, column_kind
 
 from .base import Block, BlockConfigError, Column, Columns, Compiled, Params, Problem, find_column, quote
 
 Path = tuple[str | int, ...]
 
-Kind = Literal[
-    "integer", "float", "decimal", "string", "boolean", "date", "timestamp", "timestamptz", "time", "uuid", "other"
-]
-NUMERIC: Final = frozenset({"integer", "float", "decimal"})
-TEMPORAL: Final = frozenset({"date", "timestamp", "timestamptz"})
+NUMERIC: Final = NUMERIC_KINDS
+TEMPORAL: Final = TEMPORAL_KINDS
 ORDERED: Final = NUMERIC | TEMPORAL | {"string", "time", "uuid", "boolean"}
-
-_INTEGER_TYPES: Final = frozenset(
-    {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT"}
-)
-_SIMPLE_KINDS: Final[Mapping[str, Kind]] = {
-    "FLOAT": "float",
-    "DOUBLE": "float",
-    "VARCHAR": "string",
-    "BOOLEAN": "boolean",
-    "DATE": "date",
-    "TIMESTAMP": "timestamp",
-    "TIMESTAMP_S": "timestamp",
-    "TIMESTAMP_MS": "timestamp",
-    "TIMESTAMP_NS": "timestamp",
-    "TIMESTAMP WITH TIME ZONE": "timestamptz",
-    "TIME": "time",
-    "UUID": "uuid",
-}
-_DECIMAL_TYPE: Final = re.compile(r"DECIMAL\((\d+),\s*(\d+)\)")
+_DECIMAL_TYPE: Final = DECIMAL_TYPE
 
 #: The type a value of a kind is cast to where a block makes a value of that kind (coalesce, literals).
 KIND_TYPES: Final[Mapping[str, str]] = {
@@ -63,15 +43,6 @@ KIND_WORDS: Final[Mapping[str, str]] = {
     "ordered": "a column whose values can be ordered",
     "string": "text",
 }
-
-
-def column_kind(duckdb_type: str) -> Kind:
-    """The family of a DuckDB type (as ``strata.datasets.engine.column_kind``)."""
-    if duckdb_type in _INTEGER_TYPES:
-        return "integer"
-    if _DECIMAL_TYPE.fullmatch(duckdb_type):
-        return "decimal"
-    return _SIMPLE_KINDS.get(duckdb_type, "other")
 
 
 def decimal_scale(duckdb_type: str) -> int | None:

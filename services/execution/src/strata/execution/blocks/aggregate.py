@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
+from strata.common.columns import column_kind
+
 from ._common import (
     BUCKETS,
     METRIC_FNS,
@@ -21,7 +23,6 @@ from ._common import (
     cfg,
     check_bucket,
     clashes,
-    column_kind,
     convert_or_problem,
     group_columns,
     resolve,

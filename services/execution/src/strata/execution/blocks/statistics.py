@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
+from strata.common.columns import column_kind
+
 from ._common import (
     BUCKETS,
     NUMERIC,
@@ -19,7 +21,6 @@ from ._common import (
     cfg,
     check_bucket,
     clashes,
-    column_kind,
     group_columns,
     resolve,
     shift_sql,

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Final
 
+from strata.common.columns import FILTER_OPS, LIST_OPS, MAX_IN_VALUES, NULL_OPS, OPS_BY_KIND, column_kind
+
 from ._common import (
     KIND_TYPES,
     NUMERIC,
@@ -17,7 +19,6 @@ from ._common import (
     ValueProblem,
     cfg,
     clashes,
-    column_kind,
     convert,
     convert_or_problem,
     resolve,
@@ -27,40 +28,10 @@ from .base import Column, Columns, InputSpec, Params, Problem, find_column, quot
 
 # --- filter --------------------------------------------------------------------------------------------------------
 
-#: The datasets service's filter operators (``strata.datasets.engine.OPS``) and the column kinds each applies to.
-OPS: Final = (
-    "eq",
-    "ne",
-    "lt",
-    "lte",
-    "gt",
-    "gte",
-    "in",
-    "not_in",
-    "contains",
-    "starts_with",
-    "is_null",
-    "not_null",
-    "between",
-)
-_LIST_OPS: Final = frozenset({"in", "not_in", "between"})
-_NULL_OPS: Final = frozenset({"is_null", "not_null"})
-_COMPARISON_OPS: Final = frozenset({"eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "between"}) | _NULL_OPS
-_EQUALITY_OPS: Final = frozenset({"eq", "ne", "in", "not_in"}) | _NULL_OPS
-OPS_BY_KIND: Final[Mapping[str, frozenset[str]]] = {
-    "integer": _COMPARISON_OPS,
-    "float": _COMPARISON_OPS,
-    "decimal": _COMPARISON_OPS,
-    "date": _COMPARISON_OPS,
-    "timestamp": _COMPARISON_OPS,
-    "timestamptz": _COMPARISON_OPS,
-    "time": _COMPARISON_OPS,
-    "string": _COMPARISON_OPS | {"contains", "starts_with"},
-    "boolean": _EQUALITY_OPS,
-    "uuid": _EQUALITY_OPS,
-    "other": _NULL_OPS,
-}
-MAX_IN_VALUES: Final = 1000
+#: The datasets service's filter operators and the column kinds each applies to (strata.common.columns).
+OPS: Final = FILTER_OPS
+_LIST_OPS: Final = LIST_OPS
+_NULL_OPS: Final = NULL_OPS
 _SCALAR_SQL: Final[Mapping[str, str]] = {
     "eq": "{c} = {v}",
     "ne": "{c} IS DISTINCT FROM {v}",
