@@ -176,6 +176,15 @@ async def publish_raw(bus: Bus, subject: str, event_type: str, data: dict[str, A
     return (await bus.js.publish(subject, json.dumps(body).encode())).seq
 
 
+async def stalled_socket(url: str, services: Services) -> tuple[ClientConnection, str]:
+    """A socket following a new job of ALICE's whose client has stopped reading (a busy browser tab)."""
+    job = new_job(services)
+    ws = await signed_in(url, max_size=None)
+    await subscribe(ws, f"job:{job}")
+    ws.transport.pause_reading()
+    return ws, job
+
+
 def new_job(services: Services, owner: str = ALICE) -> str:
     job = uuid.uuid4().hex
     services.jobs[job] = owner
@@ -412,10 +421,7 @@ async def test_client_whose_queue_overflows_is_closed_and_resumes(
     tmp_path: Path, nats_url: str, services: Services, bus: Bus
 ) -> None:
     async with gateway(tmp_path, nats_url, ws_max_queue=20) as url:
-        job = new_job(services)
-        ws = await signed_in(url, max_size=None)
-        await subscribe(ws, f"job:{job}")
-        ws.transport.pause_reading()
+        ws, job = await stalled_socket(url, services)
         subject = f"strata.execution.job.running.{ALICE}.{job}"
         published = [
             await publish_raw(bus, subject, "strata.execution.job.running", {"i": i, "pad": PAD}) for i in range(150)
@@ -544,20 +550,26 @@ async def test_metrics_count_connections_messages_and_latency(ws_url: str, servi
 
 
 # -- the hub ---------------------------------------------------------------------------------------------------------
+class RecordingSink:
+    """Takes what the hub routes, each sequence once and in order, as a channel does."""
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+
+    def offer(self, event: LiveEvent, via: str) -> None:
+        if not self.seqs or event.seq > self.seqs[-1]:
+            self.seqs.append(event.seq)
+
+    def resync(self) -> None:
+        raise AssertionError("nothing is too much here")
+
+
 async def test_hub_catches_up_what_its_subscriptions_missed(bus: Bus) -> None:
     """After a NATS reconnect the hub reads from JetStream what was stored while its core subscriptions were away."""
-    got: list[int] = []
-
-    class Sink:
-        def offer(self, event: LiveEvent, via: str) -> None:
-            got.append(event.seq)
-
-        def resync(self) -> None:
-            raise AssertionError("nothing is too much here")
-
+    sink = RecordingSink()
+    got = sink.seqs
     hub = Hub(bus)
     job = uuid.uuid4().hex
-    sink = Sink()
     await hub.add(f"strata.execution.job.*.*.{job}", sink)
     seen = await publish_job(bus, job, "queued")
     await eventually(lambda: got == [seen])
@@ -689,10 +701,7 @@ async def test_an_overflow_caused_by_a_reply_closes_the_socket(
     tmp_path: Path, nats_url: str, services: Services, bus: Bus
 ) -> None:
     async with gateway(tmp_path, nats_url, ws_max_queue=20) as url:
-        job = new_job(services)
-        ws = await signed_in(url, max_size=None)
-        await subscribe(ws, f"job:{job}")
-        ws.transport.pause_reading()
+        ws, job = await stalled_socket(url, services)
         subject = f"strata.execution.job.running.{ALICE}.{job}"
         for i in range(12):  # fills the socket's buffers; the queue stays under its limit
             await publish_raw(bus, subject, "strata.execution.job.running", {"i": i, "pad": PAD * 4})
@@ -707,24 +716,12 @@ async def test_an_overflow_caused_by_a_reply_closes_the_socket(
 async def test_hub_holds_live_events_until_its_catch_up_has_run(bus: Bus) -> None:
     """After a reconnect nats-py re-subscribes before the hub hears of it: live events arriving first must not hide
     the ones the catch-up reads."""
-    got: list[int] = []
-
-    class Sink:
-        def __init__(self) -> None:
-            self.last = 0
-
-        def offer(self, event: LiveEvent, via: str) -> None:
-            if event.seq > self.last:
-                self.last = event.seq
-                got.append(event.seq)
-
-        def resync(self) -> None:
-            raise AssertionError("nothing is too much here")
-
+    sink = RecordingSink()
+    got = sink.seqs
     hub = Hub(bus)
     job = uuid.uuid4().hex
     subject_filter = f"strata.execution.job.*.*.{job}"
-    await hub.add(subject_filter, Sink())
+    await hub.add(subject_filter, sink)
     seen = await publish_job(bus, job, "queued")
     await eventually(lambda: got == [seen])
     await hub._interests[subject_filter].sub.unsubscribe()  # the connection drops: these are lost to it
