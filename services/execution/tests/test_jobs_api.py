@@ -674,3 +674,39 @@ async def test_a_running_job_reports_the_engines_progress(ctx: Ctx, engine: str,
 
     assert 0 < await eventually(on_the_job, timeout_s=10) < 1
     await ctx.client.post(f"/api/v1/jobs/{job_id}/cancel", params={"wait_ms": 5000}, headers=ALICE)
+
+
+# -- the block catalogue ---------------------------------------------------------------------------------------------
+async def test_block_catalogue_lists_and_describes_blocks(idle: Ctx) -> None:
+    client = idle.client
+    listed = await client.get("/api/v1/blocks", headers=VIEWER)  # any signed-in user reads the catalogue
+    assert listed.status_code == 200, listed.text
+    body = listed.json()
+    ids = {b["id"] for b in body["data"]}
+    assert {"filter", "select", "aggregate", "time_series", "top_n", "join", "pivot", "describe"} <= ids
+    assert {"correlation", "outliers", "forecast", "sql"} <= ids
+    assert body["meta"]["limit"] == len(body["data"]) and "statistics" in body["meta"]["categories"]
+    stats = (await client.get("/api/v1/blocks?category=statistics", headers=VIEWER)).json()["data"]
+    assert stats and all(b["category"] == "statistics" for b in stats)
+    assert (await client.get("/api/v1/blocks?category=nope", headers=VIEWER)).json()["data"] == []
+    assert len((await client.get("/api/v1/blocks?version=1", headers=VIEWER)).json()["data"]) == len(ids)
+    assert (await client.get("/api/v1/blocks?version=99", headers=VIEWER)).json()["data"] == []
+
+    aggregate = await client.get("/api/v1/blocks/aggregate", headers=VIEWER)
+    assert aggregate.status_code == 200
+    described = aggregate.json()
+    assert described["version"] == 1 and described["inputs"][0]["name"] == "data"
+    assert described["config_schema"]["type"] == "object" and "metrics" in described["config_schema"]["properties"]
+    assert described["output_schema"]["type"] == "object"
+    join = (await client.get("/api/v1/blocks/join?version=1", headers=VIEWER)).json()
+    assert [i["name"] for i in join["inputs"]] == ["left", "right"]
+
+    for path, code in (
+        ("/api/v1/blocks/nope", "BLOCK_NOT_FOUND"),
+        ("/api/v1/blocks/aggregate?version=99", "BLOCK_NOT_FOUND"),
+        ("/api/v1/blocks/aggregate?version=0", "VALIDATION_ERROR"),
+        ("/api/v1/blocks?version=abc", "VALIDATION_ERROR"),
+    ):
+        resp = await client.get(path, headers=VIEWER)
+        assert resp.status_code in (404, 422) and resp.json()["error"]["code"] == code, (path, resp.text)
+    assert (await client.get("/api/v1/blocks")).status_code == 401

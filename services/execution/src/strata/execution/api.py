@@ -1,4 +1,4 @@
-"""The execution API: ``/api/v1/queries`` and ``/api/v1/jobs``."""
+"""The execution API: ``/api/v1/queries``, ``/api/v1/jobs`` and the block catalogue ``/api/v1/blocks``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import Path as Path_
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 
@@ -18,16 +19,18 @@ from strata.common.contracts.datasets import ResolvedTable
 from strata.common.contracts.execution import FINAL_STATES, JobState
 from strata.common.db import utcnow
 from strata.common.deps import AnalystUser, CurrentUser, RuntimeDep, SessionDep
-from strata.common.errors import BadRequest, Forbidden
+from strata.common.errors import BadRequest, Forbidden, NotFound
 from strata.common.storage import Storage
 
 from . import jobs, results
+from .blocks import registry as block_registry
+from .blocks.base import Block
 from .config import Settings
 from .engines.base import Analysis, Engine, QueryError, RunSpec
 from .examples import EXAMPLES
 from .jobs import JobFinished, JobWatcher, QueryRejected, ResultsExpired, ResultsNotAvailable
 from .models import Job
-from .schemas import ExampleQuery, JobEventsOut, JobOut, JobPage, QueryIn, QueryPlan, ResultPageOut
+from .schemas import BlockOut, BlockPage, ExampleQuery, JobEventsOut, JobOut, JobPage, QueryIn, QueryPlan, ResultPageOut
 
 router = APIRouter(prefix="/api/v1", tags=["execution"])
 
@@ -154,6 +157,48 @@ async def _dry_run(engine: Engine, body: QueryIn, analysis: Analysis, tables: di
 @router.get("/queries/examples", response_model=list[ExampleQuery], summary="Queries that run on the demo datasets")
 async def query_examples(_: CurrentUser) -> list[ExampleQuery]:
     return list(EXAMPLES)
+
+
+class BlockNotFound(NotFound):
+    code = "BLOCK_NOT_FOUND"
+
+
+def _block_out(block: Block) -> BlockOut:
+    return BlockOut.model_validate(block.describe())
+
+
+@router.get("/blocks", response_model=BlockPage, summary="Analysis blocks: the latest version of each")
+async def list_blocks(
+    _: CurrentUser,
+    category: Annotated[str | None, Query(max_length=64, description="Only this category")] = None,
+    version: Annotated[int | None, Query(ge=1, description="Only blocks that have this version")] = None,
+) -> BlockPage:
+    blocks = block_registry.list(category)
+    if version is not None:
+        blocks = [b for b in (_version_of(b.id, version) for b in blocks) if b is not None]
+    data = [_block_out(b) for b in blocks]
+    return BlockPage(
+        data=data, meta={"next_cursor": None, "limit": len(data), "categories": block_registry.categories()}
+    )
+
+
+def _version_of(block_id: str, version: int) -> Block | None:
+    try:
+        return block_registry.get(block_id, version)
+    except block_registry.UnknownBlock:
+        return None
+
+
+@router.get("/blocks/{block_id}", response_model=BlockOut, summary="One block: its inputs and JSON Schemas")
+async def get_block(
+    block_id: Annotated[str, Path_(max_length=100)],
+    _: CurrentUser,
+    version: Annotated[int | None, Query(ge=1, description="A version; the latest when left out")] = None,
+) -> BlockOut:
+    try:
+        return _block_out(block_registry.get(block_id, version))
+    except block_registry.UnknownBlock as exc:
+        raise BlockNotFound(str(exc)) from None
 
 
 @router.get("/jobs", response_model=JobPage, summary="Your jobs, newest first")

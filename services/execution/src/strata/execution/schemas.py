@@ -134,3 +134,28 @@ class ExampleQuery(BaseModel):
     engine: Engine
     sql: str
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class BlockInputOut(BaseModel):
+    name: str
+    description: str
+    required: bool
+
+
+class BlockOut(BaseModel):
+    """A block as a frontend renders its form: what it reads, its config's JSON Schema, one output row's schema."""
+
+    id: str
+    version: int
+    name: str
+    category: str
+    description: str
+    inputs: list[BlockInputOut]
+    config_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+    builtin: bool = True
+
+
+class BlockPage(BaseModel):
+    data: list[BlockOut]
+    meta: dict[str, Any]
