@@ -27,8 +27,8 @@ from .edge import EdgeMiddleware, SecurityHeadersMiddleware
 from .instances import InstanceRegistry, consumer_spec
 from .openapi import OpenApiAggregator, install_docs
 from .proxy import Policy, Proxy, upstream_session
-from .ratelimit import Limit, RateLimiter, create_rate_limiter
-from .sockets import Realtime, RealtimeMiddleware, WsSettings
+from .ratelimit import RateLimiter, create_rate_limiter
+from .sockets import Realtime, RealtimeMiddleware
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -71,19 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         verifier=lambda: runtime.verifier,
         limiter=limiter,
         metrics=runtime.metrics,
-        settings=WsSettings(
-            auth_timeout_s=settings.ws_auth_timeout_s,
-            token_expiring_s=settings.ws_token_expiring_s,
-            max_connections_per_user=settings.ws_max_connections_per_user,
-            max_subscriptions=settings.ws_max_subscriptions,
-            max_queue=settings.ws_max_queue,
-            max_replay=settings.ws_max_replay,
-            access_cache_s=settings.ws_access_cache_s,
-            revocation_window_s=settings.ws_revocation_window_s,
-            heartbeat_s=settings.ws_ping_interval_s,
-            subscribe_limit=Limit.parse(settings.rate_limit_ws_subscribe),
-            cors_origins=tuple(settings.cors_origins),
-        ),
+        settings=settings,
     )
 
     async def readiness() -> dict[str, Any]:

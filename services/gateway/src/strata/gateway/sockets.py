@@ -18,7 +18,6 @@ import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,6 +36,7 @@ from strata.common.events import Bus
 from strata.common.observability import Metrics
 from strata.common.rpc import RpcClient
 
+from .config import Settings
 from .live import Hub, LiveEvent, ReplayTooLong, replay, stream_bounds
 from .ratelimit import Limit, RateLimiter
 from .revocations import Revocations
@@ -57,21 +57,6 @@ SHARE_FEED = f"{DATASET_EVENT_PREFIX}.shared.*.*"
 _DATASET_HEAD = DATASET_EVENT_PREFIX + "."
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CLOSE_REASON_BYTES = 120
-
-
-@dataclass(frozen=True)
-class WsSettings:
-    auth_timeout_s: float
-    token_expiring_s: float
-    max_connections_per_user: int
-    max_subscriptions: int
-    max_queue: int
-    max_replay: int
-    access_cache_s: float
-    revocation_window_s: float
-    heartbeat_s: float
-    subscribe_limit: Limit
-    cors_origins: tuple[str, ...]
 
 
 class WsMetrics:
@@ -136,17 +121,18 @@ class Realtime:
         verifier: Callable[[], TokenVerifier],
         limiter: Callable[[], RateLimiter],
         metrics: Metrics,
-        settings: WsSettings,
+        settings: Settings,
     ) -> None:
         self.bus = bus
         self.rpc = rpc
         self.verifier = verifier
         self.limiter = limiter
         self.settings = settings
+        self.subscribe_limit = Limit.parse(settings.rate_limit_ws_subscribe)
         self.metrics = WsMetrics(metrics)
-        self.hub = Hub(bus, max_catch_up=settings.max_replay)
+        self.hub = Hub(bus, max_catch_up=settings.ws_max_replay)
         self.metrics.nats_subscriptions.set_function(lambda: self.hub.subscriptions)
-        self.revocations = Revocations(bus, window_s=settings.revocation_window_s, on_revoke=self.revoke)
+        self.revocations = Revocations(bus, window_s=settings.ws_revocation_window_s, on_revoke=self.revoke)
         self.by_user: dict[str, set[Connection]] = {}
         self._access: OrderedDict[tuple[str, str, str, str], tuple[float, ReadVerdict]] = OrderedDict()
         self.accepting = True
@@ -175,7 +161,7 @@ class Realtime:
 
     def register(self, conn: Connection) -> bool:
         group = self.by_user.setdefault(conn.identity.user_id, set())
-        if len(group) >= self.settings.max_connections_per_user:
+        if len(group) >= self.settings.ws_max_connections_per_user:
             return False
         group.add(conn)
         self.metrics.connections.inc()
@@ -212,7 +198,7 @@ class Realtime:
         # Only a job's reader cannot change (its owner, or an admin: a demotion closes the socket anyway). A dataset's
         # can, at any moment (a share made or removed on another replica), so it is asked every time; so is a refusal.
         if verdict.readable and kind == "job":
-            self._access[key] = (now + self.settings.access_cache_s, verdict)
+            self._access[key] = (now + self.settings.ws_access_cache_s, verdict)
             self._access.move_to_end(key)
             while len(self._access) > 100_000:
                 self._access.popitem(last=False)
@@ -245,7 +231,7 @@ class Realtime:
             await _close(
                 websocket,
                 TOO_MANY_CONNECTIONS,
-                f"At most {self.settings.max_connections_per_user} sockets per user: close another one.",
+                f"At most {self.settings.ws_max_connections_per_user} sockets per user: close another one.",
             )
             return
         try:
@@ -267,13 +253,13 @@ class Realtime:
                 if self.revocations.refused(identity) is None:
                     return identity
         try:
-            message = await asyncio.wait_for(websocket.receive(), self.settings.auth_timeout_s)
+            message = await asyncio.wait_for(websocket.receive(), self.settings.ws_auth_timeout_s)
         except TimeoutError:
             self.metrics.disconnects.labels("auth_timeout").inc()
             await _close(
                 websocket,
                 AUTH_TIMEOUT,
-                f'Send {{"type": "auth", "token": ...}} within {self.settings.auth_timeout_s:g} s.',
+                f'Send {{"type": "auth", "token": ...}} within {self.settings.ws_auth_timeout_s:g} s.',
             )
             return None
         if message["type"] == "websocket.disconnect":
@@ -430,11 +416,11 @@ class Connection:
                 "user_id": identity.user_id,
                 "role": identity.role.value,
                 "expires_at": identity.expires_at.isoformat() if identity.expires_at else None,
-                "heartbeat_s": self.rt.settings.heartbeat_s,
+                "heartbeat_s": self.rt.settings.ws_ping_interval_s,
                 "limits": {
-                    "max_subscriptions": self.rt.settings.max_subscriptions,
-                    "max_queue": self.rt.settings.max_queue,
-                    "max_replay": self.rt.settings.max_replay,
+                    "max_subscriptions": self.rt.settings.ws_max_subscriptions,
+                    "max_queue": self.rt.settings.ws_max_queue,
+                    "max_replay": self.rt.settings.ws_max_replay,
                 },
             }
         )
@@ -455,7 +441,7 @@ class Connection:
                 self.control({"type": "token_expiring", "expires_at": expires_at})
                 self._timer = loop.call_later(max(expires - time.time(), 0), expire)
 
-            self._timer = loop.call_later(max(expires - time.time() - self.rt.settings.token_expiring_s, 0), warn)
+            self._timer = loop.call_later(max(expires - time.time() - self.rt.settings.ws_token_expiring_s, 0), warn)
 
     # -- the queue ------------------------------------------------------------------------------------------------
     def push(self, text: str, kind: str, *, key: str | None = None, when: float | None = None) -> None:
@@ -473,10 +459,10 @@ class Connection:
         self._queued += 1
         if key is not None:
             self._progress[key] = frame
-        if self._queued > self.rt.settings.max_queue:
+        if self._queued > self.rt.settings.ws_max_queue:
             self.close(SLOW_CONSUMER, "Too slow: the queue overflowed. Reconnect, resume with since.", "slow_consumer")
             return
-        if self._queued > self.rt.settings.max_queue // 2:
+        if self._queued > self.rt.settings.ws_max_queue // 2:
             self._room.clear()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -494,7 +480,7 @@ class Connection:
         metrics = self.rt.metrics
         send = self.raw_send  # the server's own ASGI send: no wrapper between the queue and the socket
         queue = self._queue
-        low = self.rt.settings.max_queue // 4
+        low = self.rt.settings.ws_max_queue // 4
         loop = asyncio.get_running_loop()
         observe = metrics.latency.observe
         clock = time.time
@@ -633,13 +619,13 @@ class Connection:
                 }
             )
             return
-        if len(self.channels) + len(self._opening) >= self.rt.settings.max_subscriptions:
+        if len(self.channels) + len(self._opening) >= self.rt.settings.ws_max_subscriptions:
             self.rt.metrics.refused.labels("too_many").inc()
             self.error(
                 request_id,
                 name,
                 "TOO_MANY_SUBSCRIPTIONS",
-                f"At most {self.rt.settings.max_subscriptions} channels per socket.",
+                f"At most {self.rt.settings.ws_max_subscriptions} channels per socket.",
             )
             return
         done = self._opening[name] = asyncio.get_running_loop().create_future()
@@ -654,7 +640,7 @@ class Connection:
             done.set_result(None)
 
     async def _subscribe_now(self, name: str, since: int | None, request_id: Any) -> None:
-        decision = await self.rt.limiter().hit(f"user:{self.identity.user_id}", self.rt.settings.subscribe_limit)
+        decision = await self.rt.limiter().hit(f"user:{self.identity.user_id}", self.rt.subscribe_limit)
         if not decision.allowed:
             self.rt.metrics.refused.labels("rate_limited").inc()
             self.error(
@@ -787,7 +773,7 @@ class Channel:
         if since is not None and recovered and bounds.last_seq > since:
             try:
                 first = True
-                async for event in replay(rt.bus, self.all_filters(), after=since, limit=rt.settings.max_replay):
+                async for event in replay(rt.bus, self.all_filters(), after=since, limit=rt.settings.ws_max_replay):
                     if self.detached:
                         return
                     if first:
@@ -857,7 +843,7 @@ class Channel:
             return
         if self.buffer is not None:
             self.buffer.append(event)
-            if len(self.buffer) > self.conn.rt.settings.max_queue * 10:
+            if len(self.buffer) > self.conn.rt.settings.ws_max_queue * 10:
                 self.conn.close(
                     SLOW_CONSUMER, "Too many events while catching up: reconnect, resume with since.", "slow_consumer"
                 )
@@ -922,7 +908,7 @@ class Channel:
         rt = self.conn.rt
         try:
             await self._listen(subject_filter)
-            async for event in replay(rt.bus, [subject_filter], after=after, limit=rt.settings.max_replay):
+            async for event in replay(rt.bus, [subject_filter], after=after, limit=rt.settings.ws_max_replay):
                 self._missed.append(event)
         except Exception as exc:
             log.warning("following a newly shared dataset failed (%s): the socket resumes", exc)
